@@ -1,0 +1,196 @@
+"""Checkpoints with Megatron-Core dist-checkpointing (torch_dist format).
+
+Layout of ``checkpoint.save``::
+
+    latest                  name of the newest *complete* checkpoint (atomic replace)
+    iter_0000200/           a dist-checkpoint: model, optimizer, scheduler, train state, RNG
+        run_config.yaml     the full config of the run that wrote it
+    iter_0000400.partial/   a save in progress (or one that was interrupted)
+
+A save is written into ``iter_N.partial`` and renamed only after every rank has
+finished, and ``latest`` is updated after the rename, so an interrupted save is never
+what a resume picks up. Model and optimizer tensors are stored as global (unsharded)
+tensors, so a checkpoint loads under any TP/PP/VP/DP layout (resharding on load).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.utils import unwrap_model
+
+from megatron_gpas import cpu_runtime
+from megatron_gpas.config import Config, save_config
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+PARTIAL_SUFFIX = ".partial"
+RUN_CONFIG = "run_config.yaml"
+
+# Config sections that define the network; a checkpoint only loads into the same ones.
+_ARCH_KEYS = {
+    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+              "ffn_hidden_size", "vocab_size", "rope_base"),
+    "norm": ("scheme", "eps"),
+    "gpas": ("enabled", "activation"),
+}
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def iteration_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"iter_{step:07d}")
+
+
+def find_latest(root: str) -> str | None:
+    """The newest complete checkpoint under ``root`` (None if there is none)."""
+    pointer = os.path.join(root, LATEST)
+    if os.path.isfile(pointer):
+        with open(pointer) as f:
+            path = os.path.join(root, f.read().strip())
+        if os.path.isfile(os.path.join(path, "metadata.json")):
+            return path
+        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
+    if os.path.isfile(os.path.join(root, "metadata.json")):  # a checkpoint directory itself
+        return root
+    return None
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _layout() -> tuple[int, int, int]:
+    return (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def _sharded_state(model_chunks, optimizer, scheduler, train_state: dict, *, is_loading: bool) -> dict:
+    modules = [unwrap_model(chunk) for chunk in model_chunks]
+    state = {f"model{i}": module.sharded_state_dict() for i, module in enumerate(modules)}
+    if optimizer is not None:
+        model_state = {k: v for k, v in state.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"},
+        )
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
+    state["train_state"] = dict(train_state)
+    pp, tp, dp = _layout()
+    # RNG streams are per rank; they are restored only into the same layout.
+    state["rng_state"] = ShardedObject(
+        "rng_state", _rng_state(), (pp, tp, dp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+         parallel_state.get_data_parallel_rank()),
+        replica_id=0,
+    )
+    state["layout"] = [pp, tp, dp]
+    return state
+
+
+def save(cfg: Config, root: str, step: int, model_chunks, optimizer, scheduler, train_state: dict) -> str:
+    final = iteration_dir(root, step)
+    partial = final + PARTIAL_SUFFIX
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left over from an interrupted save
+        os.makedirs(partial)
+    dist.barrier()
+    state = _sharded_state(model_chunks, optimizer, scheduler, train_state, is_loading=False)
+    dist_checkpointing.save(state, partial)
+    dist.barrier()
+    if rank0:
+        save_config(cfg, os.path.join(partial, RUN_CONFIG))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        tmp = os.path.join(root, LATEST + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        os.replace(tmp, os.path.join(root, LATEST))
+    dist.barrier()
+    return final
+
+
+def check_compatible(cfg: Config, path: str) -> None:
+    """Refuse to load a checkpoint of another architecture (shape, scheme, GPAS)."""
+    config_file = os.path.join(path, RUN_CONFIG)
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file) as f:
+        saved = yaml.safe_load(f)
+    current = cfg.to_dict()
+    diffs = [
+        f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, config has {current[section][key]!r}"
+        for section, keys in _ARCH_KEYS.items()
+        for key in keys
+        if saved.get(section, {}).get(key) != current[section][key]
+    ]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} does not match this run's model:\n  " + "\n  ".join(diffs))
+
+
+def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict:
+    """Load ``path`` into the model (and optimizer/scheduler); returns the train state."""
+    check_compatible(cfg, path)
+    if load_optimizer and cfg.parallel.distributed_optimizer and cpu_runtime.is_active():
+        raise CheckpointError(
+            "resuming the distributed optimizer's state needs a GPU (Megatron reloads it only into "
+            "TE/apex FusedAdam; the CPU fallback is torch's Adam). On CPU use "
+            "checkpoint.load_optimizer=false (weights only) or parallel.distributed_optimizer=false."
+        )
+    template = _sharded_state(
+        model_chunks, optimizer if load_optimizer else None, scheduler if load_optimizer else None,
+        {}, is_loading=True,
+    )
+    same_layout = True
+    common = dist_checkpointing.load_common_state_dict(path)
+    if list(common.get("layout", [])) != template["layout"]:
+        same_layout = False
+        del template["rng_state"]  # per-rank streams of another layout: start fresh ones
+    state = dist_checkpointing.load(template, path)
+    for i, chunk in enumerate(model_chunks):
+        unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    if load_optimizer and optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    if same_layout:
+        _set_rng_state(state["rng_state"])
+    else:
+        log.warning("checkpoint %s was written with (PP, TP, DP) = %s; resuming with %s: RNG streams restart",
+                    path, common.get("layout"), template["layout"])
+    return state["train_state"]

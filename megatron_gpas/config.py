@@ -1,0 +1,425 @@
+"""Typed run configuration: YAML file + dotted overrides + presets + fail-fast validation.
+
+    cfg = load_config("examples/tiny_pre_gpas.yaml", ["train.steps=20", "gpas.enabled=false"])
+
+Every check here runs before any process group starts, so a bad run dies in
+seconds with a message that names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration, reported before any expensive work starts."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None  # fills the shape fields below (explicit keys win)
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # GQA groups; None = one per head (MHA)
+    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads
+    ffn_hidden_size: int = 172  # SwiGLU inner width
+    vocab_size: int = 32000  # model vocabulary (>= tokenizer vocabulary)
+    make_vocab_size_divisible_by: int = 128  # pad the embedding to a multiple of this × TP
+    max_seq_length: int = 2048  # longest sequence this shape is configured for
+    rope_base: float = 10000.0
+    init_std: float = 0.02  # every linear layer, LM head included (official GPAS code)
+    embedding_init_std: float = math.sqrt(2 / 5)  # "scaled embed" of the GPAS code
+    backend: str = "local"  # local (Megatron-Core modules, CPU+GPU) | te (Transformer Engine, GPU)
+
+
+@dataclass
+class NormConfig:
+    scheme: str = "pre"  # see megatron_gpas.model.schemes.SCHEMES
+    eps: float = 1e-6
+
+
+@dataclass
+class GPASConfig:
+    enabled: bool = False
+    activation: str = "silu"  # see megatron_gpas.model.gpas.ACTIVATIONS
+    init: float = 0.0
+    clip_grad: float = 0.0  # joint L2 clip over all gates after the global clip; 0 = off
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seq_length: int = 256
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    seed: int = 42
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    eval_interval: int = 0  # 0 = evaluate only at the end
+    eval_iters: int = 4  # validation global batches per evaluation
+    exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this run; 0 = off
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr × min_lr_ratio
+    warmup_steps: int = 0
+    decay_steps: int | None = None  # None = train.steps
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0  # 1-D params (norm weights, gates) never decay
+    clip_grad: float = 0.0  # global L2 clip over all parameters, gates included; 0 = off
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "auto"  # auto | sentencepiece | huggingface | null
+    path: str | None = None
+    vocab_size: int | None = None  # only for kind=null
+
+
+@dataclass
+class DataConfig:
+    # Indexed-dataset path prefixes (PREFIX.bin/.idx). With several, `weights` blends them.
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    split: str = "98,1,1"  # train,valid,test documents
+    cache_dir: str | None = None  # GPTDataset index cache; default: <logging.dir>/data_cache
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    num_workers: int = 0  # DataLoader workers
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # directory; None = no checkpoints
+    load: str | None = None  # directory to resume from (latest complete checkpoint)
+    # false: take only the weights (start at step 0 with a fresh optimizer), e.g. to
+    # initialise from another run or to change the optimizer layout
+    load_optimizer: bool = True
+    save_interval: int = 0  # 0 = only at the end
+    save_at_end: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    dir: str = "runs/default"  # TensorBoard events, metrics.jsonl, PNGs
+    interval: int = 10
+    tensorboard: bool = True
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    gpas: GPASConfig = field(default_factory=GPASConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- presets
+
+_PAPER = dict(vocab_size=32000, rope_base=10000.0, max_seq_length=1024)
+
+# Shapes of the GPAS paper (targets.md) plus Llama-3-8B and a CPU-sized model.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=172,
+                 vocab_size=32000, max_seq_length=512),
+    "71m": dict(num_layers=12, hidden_size=512, num_attention_heads=8, ffn_hidden_size=1368, **_PAPER),
+    "130m": dict(num_layers=12, hidden_size=768, num_attention_heads=12, ffn_hidden_size=2048, **_PAPER),
+    "250m": dict(num_layers=24, hidden_size=768, num_attention_heads=16, kv_channels=48,
+                 ffn_hidden_size=2560, **_PAPER),
+    "350m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2736, **_PAPER),
+    "1b": dict(num_layers=24, hidden_size=2048, num_attention_heads=32, ffn_hidden_size=5461, **_PAPER),
+    "7b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+               vocab_size=32000, rope_base=10000.0, max_seq_length=4096),
+    "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
+                      ffn_hidden_size=14336, vocab_size=128256, rope_base=500000.0, max_seq_length=8192),
+}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _is_dataclass_type(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _unknown_key_error(key: str, section_cls, path: str) -> ConfigError:
+    valid = [f.name for f in fields(section_cls)]
+    hint = difflib.get_close_matches(key, valid, n=1)
+    did_you_mean = f" Did you mean '{hint[0]}'?" if hint else ""
+    where = f"{path}.{key}" if path else key
+    return ConfigError(f"unknown config key '{where}'.{did_you_mean} Valid keys here: {', '.join(valid)}")
+
+
+def _coerce(value, tp, where: str):
+    """Check/convert a YAML value against a (simple) type annotation."""
+    origin = getattr(tp, "__origin__", None)
+    args = getattr(tp, "__args__", ())
+    if value is None:
+        if type(None) in args or tp is Any:
+            return None
+        raise ConfigError(f"config key '{where}' must not be null")
+    if args and type(None) in args:  # Optional[X] / X | None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{where}' must be true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{where}' must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls, data: dict, path: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{path or '<root>'}' must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key_error(key, cls, path)
+        where = f"{path}.{key}" if path else key
+        tp = hints[key]
+        kwargs[key] = _build(tp, value or {}, where) if _is_dataclass_type(tp) else _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load YAML (optional), apply dotted overrides, expand the preset, validate the shape."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            tree = yaml.safe_load(f) or {}
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    cfg = _build(Config, tree)
+    apply_preset(cfg, explicit=set((tree.get("model") or {}).keys()))
+    return cfg
+
+
+def apply_preset(cfg: Config, explicit: set[str] = frozenset()) -> None:
+    name = cfg.model.preset
+    if name is None:
+        return
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model.preset '{name}'. Known presets: {', '.join(PRESETS)}")
+    for key, value in PRESETS[name].items():
+        if key not in explicit:
+            setattr(cfg.model, key, value)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# --------------------------------------------------------------------------- derived values
+
+
+def world_size_from_env() -> int:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
+def head_dim(m: ModelConfig) -> int:
+    return m.kv_channels if m.kv_channels is not None else m.hidden_size // m.num_attention_heads
+
+
+def padded_vocab_size(m: ModelConfig, tensor_parallel: int) -> int:
+    multiple = m.make_vocab_size_divisible_by * tensor_parallel
+    return int(math.ceil(m.vocab_size / multiple) * multiple)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> None:
+    """Raise ConfigError with a specific message for the first problem found."""
+    from megatron_gpas.model.gpas import ACTIVATIONS
+    from megatron_gpas.model.schemes import SCHEMES
+
+    m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
+    world_size = world_size_from_env() if world_size is None else world_size
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    # names
+    need(cfg.norm.scheme in SCHEMES,
+         f"unknown norm.scheme '{cfg.norm.scheme}'. Known schemes: {', '.join(sorted(SCHEMES))}")
+    need(cfg.gpas.activation in ACTIVATIONS,
+         f"unknown gpas.activation '{cfg.gpas.activation}'. Known: {', '.join(sorted(ACTIVATIONS))}")
+    need(m.backend in ("local", "te"), f"model.backend must be 'local' or 'te', got '{m.backend}'")
+    need(t.precision in ("auto", "bf16", "fp32"),
+         f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
+
+    # shape
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
+        need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    if m.kv_channels is None:
+        need(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_attention_heads "
+             f"({m.num_attention_heads}); set model.kv_channels explicitly")
+    groups = m.num_query_groups or m.num_attention_heads
+    need(m.num_attention_heads % groups == 0,
+         f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+         f"model.num_query_groups ({groups})")
+
+    # parallel layout
+    for key in ("tensor", "pipeline", "virtual_pipeline"):
+        need(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+    need(m.num_attention_heads % p.tensor == 0,
+         f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor})")
+    need(groups % p.tensor == 0,
+         f"KV groups (model.num_query_groups = {groups}) are not divisible by parallel.tensor ({p.tensor}); "
+         "each tensor-parallel rank needs whole KV groups")
+    need(m.ffn_hidden_size % p.tensor == 0,
+         f"model.ffn_hidden_size ({m.ffn_hidden_size}) is not divisible by parallel.tensor ({p.tensor})")
+    chunks = p.pipeline * p.virtual_pipeline
+    need(m.num_layers % chunks == 0,
+         f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline × parallel.virtual_pipeline "
+         f"({p.pipeline} × {p.virtual_pipeline} = {chunks})")
+    need(p.virtual_pipeline == 1 or p.pipeline > 1,
+         "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
+    need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
+    need(world_size % (p.tensor * p.pipeline) == 0,
+         f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
+         f"({p.tensor} × {p.pipeline})")
+    dp = data_parallel_size(cfg, world_size)
+
+    # batch and sequence
+    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
+    need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
+    need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+         f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size × "
+         f"data-parallel size ({t.micro_batch_size} × {dp})")
+    need(0 < t.seq_length <= m.max_seq_length,
+         f"train.seq_length ({t.seq_length}) exceeds the model's limit model.max_seq_length "
+         f"({m.max_seq_length}{', preset ' + m.preset if m.preset else ''})")
+    if p.sequence_parallel:
+        need(t.seq_length % p.tensor == 0,
+             f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor ({p.tensor}) "
+             "with sequence parallelism")
+    if p.virtual_pipeline > 1:
+        micro = t.global_batch_size // (t.micro_batch_size * dp)
+        need(micro % p.pipeline == 0,
+             f"interleaved pipelining needs the number of microbatches ({micro}) to be a multiple of "
+             f"parallel.pipeline ({p.pipeline})")
+
+    # optimizer
+    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    need(0 <= o.warmup_steps <= (o.decay_steps or t.steps),
+         f"optim.warmup_steps ({o.warmup_steps}) must be in [0, decay steps ({o.decay_steps or t.steps})]")
+    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
+    need(cfg.gpas.clip_grad >= 0, f"gpas.clip_grad must be >= 0 (0 disables), got {cfg.gpas.clip_grad}")
+
+    # runtime availability
+    if m.backend == "te":
+        from megatron_gpas.model.spec import transformer_engine_available
+
+        need(transformer_engine_available(),
+             "model.backend=te needs Transformer Engine with a CUDA GPU; install the 'te' extra "
+             "(pip install -e '.[te]') on a GPU machine, or use model.backend=local")
+    if t.precision == "bf16":
+        import torch
+
+        need(torch.cuda.is_available(), "train.precision=bf16 needs a CUDA GPU; use fp32 or auto on CPU")
+
+    # data
+    d = cfg.data
+    need(len(d.paths) > 0, "data.paths is empty: give at least one indexed-dataset prefix (PREFIX.bin/.idx)")
+    if d.weights is not None:
+        need(len(d.weights) == len(d.paths),
+             f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
+        need(all(w > 0 for w in d.weights), "data.weights must all be positive")
+    try:
+        split = [float(x) for x in d.split.split(",")]
+        need(len(split) == 3 and all(x >= 0 for x in split) and split[0] > 0, "")
+    except (ValueError, ConfigError):
+        raise ConfigError(f"data.split must be three non-negative numbers like '98,1,1', got '{d.split}'")
+    if check_files:
+        for prefix in d.paths:
+            for suffix in (".bin", ".idx"):
+                need(os.path.isfile(prefix + suffix),
+                     f"data file not found: {prefix + suffix} (data.paths entry '{prefix}')")
+        if d.tokenizer.kind != "null":
+            need(d.tokenizer.path is not None and os.path.isfile(d.tokenizer.path),
+                 f"tokenizer file not found: data.tokenizer.path = {d.tokenizer.path!r}")

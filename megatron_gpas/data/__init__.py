@@ -1,0 +1,1 @@
+"""Data tooling: turning raw text into Megatron indexed datasets (see ``preprocess``)."""

@@ -1,0 +1,1 @@
+"""Model: Megatron-Core GPTModel with our layer spec (norm schemes + GPAS)."""

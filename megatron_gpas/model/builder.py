@@ -1,0 +1,85 @@
+"""Build Megatron-Core GPTModel chunks (one per virtual pipeline stage) from our Config."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import init_method_normal
+
+from megatron_gpas.config import Config, head_dim, padded_vocab_size
+from megatron_gpas.model.spec import decoder_block_spec
+
+
+def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    use_te = m.backend == "te"
+    return TransformerConfig(
+        # shape
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=head_dim(m),
+        ffn_hidden_size=m.ffn_hidden_size,
+        # Llama block: RMSNorm, SwiGLU, no biases, no dropout (as the GPAS code)
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm.eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # init (official GPAS code): every linear N(0, 0.02) — no depth scaling of the
+        # output projections — and the embedding N(0, sqrt(2/5))
+        init_method_std=m.init_std,
+        output_layer_init_method=init_method_normal(m.init_std),
+        embedding_init_method_std=m.embedding_init_std,
+        use_cpu_initialization=on_cpu,
+        # parallelism
+        tensor_model_parallel_size=p.tensor,
+        pipeline_model_parallel_size=p.pipeline,
+        virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=dtype,
+        # gloo mixes up batched isend/irecv under interleaving (megatron-notes §9.4)
+        batch_p2p_comm=not on_cpu,
+        # precision
+        bf16=bf16,
+        params_dtype=dtype,
+        # fusions: only where the kernels exist
+        bias_dropout_fusion=not on_cpu,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=use_te,
+        gradient_accumulation_fusion=use_te,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]:
+    """One GPTModel per virtual pipeline stage held by this rank (a single one without VP)."""
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for vp_stage in range(vp) if vp > 1 else [None]:
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
+                vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tensor),
+                max_sequence_length=cfg.train.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                rotary_base=int(cfg.model.rope_base),
+                parallel_output=True,
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks

@@ -1,0 +1,313 @@
+"""The training loop: thin, on Megatron-Core's DDP, schedules, optimizer and checkpoints.
+
+    trainer = Trainer(cfg); trainer.train(); trainer.close()
+
+Each step: forward/backward over all micro-batches with Megatron's schedule for the
+layout (no pipelining, 1F1B, or interleaved 1F1B), gradient finalization (DP reduce,
+SP all-reduce of replicated params, embedding sync), the GPAS two-stage clip, the Adam
+step and the LR schedule.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import unwrap_model
+
+from megatron_gpas import checkpoint, distributed
+from megatron_gpas.config import Config, data_parallel_size, padded_vocab_size, validate
+from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset
+from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
+from megatron_gpas.model.builder import build_model_chunks, transformer_config
+from megatron_gpas.optim import build_optimizer, clipped_step
+from megatron_gpas.tokenizer import tokenizer_from_config
+
+log = logging.getLogger(__name__)
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Mean loss over this micro-batch's unmasked tokens; also report (sum, count)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
+    count = mask.sum()
+    return loss_sum / count.clamp(min=1), {"lm loss": torch.stack([loss_sum.detach(), count])}
+
+
+def _forward_step(device, data_iterator, model):
+    batch = next(data_iterator)
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    position_ids = batch["position_ids"].to(device, non_blocking=True)
+    per_token_loss = model(tokens, position_ids, None, labels=labels)
+    return per_token_loss, functools.partial(_loss_func, batch["loss_mask"].to(device))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        # Everything that can be wrong with the request fails here, before process groups.
+        validate(cfg)
+        self.tokenizer = tokenizer_from_config(cfg.data.tokenizer.__dict__)
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
+                f"{cfg.model.vocab_size}: the embedding must cover every token id"
+            )
+        for prefix in cfg.data.paths:
+            check_indexed_dataset(prefix)
+
+        self.cfg = cfg
+        self.device = distributed.init_distributed(cfg)
+        self.on_cpu = self.device.type == "cpu"
+        self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and not self.on_cpu)
+        self.world_size = dist.get_world_size()
+        self.dp = data_parallel_size(cfg, self.world_size)
+        self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
+        self.rank0 = dist.get_rank() == 0
+
+        self.model_config = transformer_config(cfg, bf16=self.bf16, on_cpu=self.on_cpu)
+        self.model = self._build_model()
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
+        self._wire_schedules()
+
+        self.step = 0
+        self.consumed_train_samples = 0
+        self.metrics = MetricsWriter(cfg, self.world_size, enabled=self.rank0)
+        self.last_eval_loss: float | None = None
+        self._maybe_resume()
+
+        cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.dir, "data_cache")
+        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer.eod_id, self.tokenizer.vocab_size,
+                                                         cache_dir)
+        self._log_setup()
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_model(self):
+        cfg = self.cfg
+        chunks = build_model_chunks(cfg, self.model_config)
+        if not self.on_cpu:
+            chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+        if self.bf16:
+            chunks = [Float16Module(self.model_config, chunk) for chunk in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        )
+        wrapped = [
+            DistributedDataParallel(self.model_config, ddp_config, chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        for chunk in wrapped:
+            chunk.broadcast_params()
+        return wrapped
+
+    def _wire_schedules(self):
+        c = self.model_config
+        c.finalize_model_grads_func = finalize_model_grads
+        c.grad_scale_func = self.optimizer.scale_loss
+        if self.cfg.parallel.overlap_grad_reduce:
+            no_sync = [chunk.no_sync for chunk in self.model]
+            c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.forward_backward = get_forward_backward_func()
+
+    def _maybe_resume(self):
+        root = self.cfg.checkpoint.load
+        if not root:
+            return
+        path = checkpoint.find_latest(root)
+        if path is None:
+            if self.rank0:
+                print(f"[checkpoint] no checkpoint under {root}; starting from scratch", flush=True)
+            return
+        resume = self.cfg.checkpoint.load_optimizer
+        state = checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=resume)
+        if not resume:
+            if self.rank0:
+                print(f"[checkpoint] initialised weights from {path}; starting at step 0", flush=True)
+            return
+        self.step = int(state["step"])
+        self.consumed_train_samples = int(state["consumed_train_samples"])
+        if self.rank0:
+            print(f"[checkpoint] resumed from {path} at step {self.step} "
+                  f"({self.consumed_train_samples} samples consumed)", flush=True)
+
+    def _log_setup(self):
+        if not self.rank0:
+            return
+        cfg = self.cfg
+        n_params = sum(p.numel() for chunk in self.model for p in unwrap_model(chunk).parameters())
+        p = cfg.parallel
+        print(
+            f"[setup] scheme={cfg.norm.scheme} gpas={'on (' + cfg.gpas.activation + ')' if cfg.gpas.enabled else 'off'} "
+            f"backend={cfg.model.backend} precision={'bf16' if self.bf16 else 'fp32'} "
+            f"device={'cpu (gloo)' if self.on_cpu else torch.cuda.get_device_name()}\n"
+            f"[setup] layers={cfg.model.num_layers} hidden={cfg.model.hidden_size} heads={cfg.model.num_attention_heads} "
+            f"vocab={padded_vocab_size(cfg.model, p.tensor)} params on rank 0: {n_params / 1e6:.2f}M\n"
+            f"[setup] world={self.world_size} TP={p.tensor} PP={p.pipeline} VP={p.virtual_pipeline} DP={self.dp} "
+            f"SP={p.sequence_parallel} dist-opt={p.distributed_optimizer} micro-batches/step={self.num_microbatches}\n"
+            f"[setup] logs: {os.path.abspath(cfg.logging.dir)}",
+            flush=True,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def _iterators(self, dataset, consumed: int):
+        """One micro-batch iterator per model chunk (interleaving reads each chunk's own)."""
+        its = [build_loader(dataset, consumed, self.cfg.train.micro_batch_size, self.cfg.data.num_workers)
+               for _ in self.model]
+        return its if len(its) > 1 else its[0]
+
+    def _run_schedule(self, data_iterator, forward_only: bool):
+        return self.forward_backward(
+            forward_step_func=functools.partial(_forward_step, self.device),
+            data_iterator=data_iterator,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.train.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Token-weighted mean loss of a global batch, known on every rank."""
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            for item in losses:
+                totals += item["lm loss"].to(torch.float64)
+        # Sum over DP (token-weighted) and over PP (only the last stage contributes).
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+        return float(totals[0] / totals[1].clamp(min=1))
+
+    def train_step(self, data_iterator) -> dict[str, float]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(data_iterator, forward_only=False)
+        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if result.updated:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        self.consumed_train_samples += self.cfg.train.global_batch_size
+        values = {"train/loss": self._reduce_loss(losses), "train/lr": lr, "train/grad_norm": result.grad_norm}
+        if self.cfg.gpas.enabled:
+            values["train/gate_grad_norm"] = result.gate_grad_norm
+        if not result.updated and self.rank0:
+            print(f"[warn] step {self.step}: update skipped (non-finite gradient norm {result.grad_norm})", flush=True)
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for chunk in self.model:
+            chunk.eval()
+        iterator = self._iterators(self.valid_ds, 0)
+        total, count = 0.0, 0
+        for _ in range(self.cfg.train.eval_iters):
+            losses = self._run_schedule(iterator, forward_only=True)
+            total += self._reduce_loss(losses)
+            count += 1
+        for chunk in self.model:
+            chunk.train()
+        return total / max(count, 1)
+
+    def gate_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(α, 1 − act(α)) per global layer, gathered over pipeline stages and chunks."""
+        if not self.cfg.gpas.enabled:
+            return None
+        L = self.cfg.model.num_layers
+        values = torch.zeros(2, L, dtype=torch.float64, device=self.device)
+        for chunk in self.model:
+            for layer in unwrap_model(chunk).decoder.layers:
+                values[0, layer.layer_number - 1] = layer.gpas.alpha.detach().double().squeeze()
+                values[1, layer.layer_number - 1] = layer.gpas.scale().double().squeeze()
+        dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
+        return values[0].cpu(), values[1].cpu()
+
+    # ------------------------------------------------------------------ loop
+
+    def _log_gates(self, values: dict[str, float]) -> None:
+        gates = self.gate_values()
+        if gates is None:
+            return
+        for l, (alpha, scale) in enumerate(zip(*gates), start=1):
+            values[f"gpas/alpha/layer_{l}"] = float(alpha)
+            values[f"gpas/scale/layer_{l}"] = float(scale)
+
+    def _eval_and_log(self):
+        loss = self.evaluate()
+        self.last_eval_loss = loss
+        self.metrics.scalars(self.step, {"eval/loss": loss, "eval/ppl": perplexity(loss)})
+        if self.rank0:
+            print(f"[eval] step {self.step}: loss {loss:.4f} ppl {perplexity(loss):.2f}", flush=True)
+
+    def save_checkpoint(self):
+        root = self.cfg.checkpoint.save
+        path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
+                               {"step": self.step, "consumed_train_samples": self.consumed_train_samples})
+        if self.rank0:
+            print(f"[checkpoint] saved {path}", flush=True)
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        if self.step >= t.steps:
+            if self.rank0:
+                print(f"[train] already at step {self.step} >= train.steps ({t.steps}); nothing to do", flush=True)
+            return {"step": self.step}
+        iterator = self._iterators(self.train_ds, self.consumed_train_samples)
+        tokens_per_step = t.global_batch_size * t.seq_length
+        start_step = self.step
+        started = time.perf_counter()
+        interval_watch = Stopwatch()
+        interval_steps = 0
+        last_values: dict[str, float] = {}
+        for chunk in self.model:
+            chunk.train()
+        while self.step < t.steps:
+            values = self.train_step(iterator)
+            interval_steps += 1
+            at_end = self.step == t.steps
+            stop_now = t.exit_after_steps and self.step - start_step >= t.exit_after_steps
+            if self.step % cfg.logging.interval == 0 or at_end or stop_now or self.step == start_step + 1:
+                values.update(self.metrics.throughput(tokens_per_step * interval_steps, interval_watch.lap()))
+                interval_steps = 0
+                self._log_gates(values)
+                self.metrics.scalars(self.step, values)
+                self.metrics.console(self.step, t.steps, values, time.perf_counter() - started,
+                                     self.step - start_step)
+                last_values = values
+            if t.eval_interval and self.step % t.eval_interval == 0 and not at_end:
+                self._eval_and_log()
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
+                    and not at_end:
+                self.save_checkpoint()
+            if stop_now and not at_end:
+                if cfg.checkpoint.save:
+                    self.save_checkpoint()
+                return {"step": self.step, "stopped_early": True, **last_values}
+        self._eval_and_log()
+        if cfg.checkpoint.save and cfg.checkpoint.save_at_end:
+            self.save_checkpoint()
+        return {"step": self.step, "eval/loss": self.last_eval_loss, **last_values}
+
+    def close(self, keep_process_group: bool = False):
+        """Flush logs, write the PNGs, and tear down Megatron's groups (and the default
+        process group unless ``keep_process_group``, so a test can build another Trainer)."""
+        self.metrics.close()
+        if self.rank0 and self.cfg.logging.plots and self.metrics.history:
+            from megatron_gpas.plots import plot_run
+
+            for path in plot_run(self.cfg.logging.dir):
+                print(f"[plots] wrote {path}", flush=True)
+        distributed.shutdown(keep_process_group=keep_process_group)
