@@ -61,6 +61,9 @@ class StepResult:
     updated: bool
     grad_norm: float  # pre-clip L2 norm over all parameters (gates included)
     gate_grad_norm: float  # pre-clip joint L2 norm over all gates
+    # post-clip norms, measured again only when asked (an extra reduction; for tests/debugging)
+    clipped_grad_norm: float | None = None
+    clipped_gate_grad_norm: float | None = None
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
@@ -70,17 +73,23 @@ def clip_coefficient(norm: float, max_norm: float) -> float:
     return min(1.0, max_norm / (norm + 1e-6))
 
 
-@torch.no_grad()
-def clipped_step(optimizer, clip_grad: float, gate_clip_grad: float) -> StepResult:
-    """prepare grads → two-stage clip → inner Adam step (+ param all-gather for DistOpt)."""
-    found_inf = optimizer.prepare_grads()
-    if found_inf:
-        return StepResult(False, float("nan"), float("nan"))
+def _grad_norms(optimizer) -> tuple[float, float]:
+    """(norm over all parameters, joint norm over the gates), reduced over the job."""
     main_norm = float(optimizer.get_grad_norm())  # excludes the registered gate group
     gate_norm = 0.0
     if optimizer.has_grad_norm_group(GATE_GRAD_NORM_GROUP):
         gate_norm = float(optimizer._get_grad_norm_for_group(GATE_GRAD_NORM_GROUP))
-    total_norm = math.sqrt(main_norm**2 + gate_norm**2)
+    return math.sqrt(main_norm**2 + gate_norm**2), gate_norm
+
+
+@torch.no_grad()
+def clipped_step(optimizer, clip_grad: float, gate_clip_grad: float, measure_post_clip: bool = False) -> StepResult:
+    """prepare grads → two-stage clip → inner Adam step (+ param all-gather for DistOpt)."""
+    if optimizer.prepare_grads():  # inf/nan found by the loss scaler (fp16 only)
+        return StepResult(False, float("nan"), float("nan"))
+    total_norm, gate_norm = _grad_norms(optimizer)
+    if not math.isfinite(total_norm):
+        return StepResult(False, total_norm, gate_norm)
 
     global_coef = clip_coefficient(total_norm, clip_grad)
     gate_coef = global_coef * clip_coefficient(gate_norm * global_coef, gate_clip_grad)
@@ -88,6 +97,8 @@ def clipped_step(optimizer, clip_grad: float, gate_clip_grad: float) -> StepResu
         for param in optimizer.get_parameters():
             if param.grad is not None:
                 param.grad.mul_(gate_coef if is_gate(param) else global_coef)
-    if not (math.isfinite(total_norm)):
-        return StepResult(False, total_norm, gate_norm)
-    return StepResult(optimizer.step_with_ready_grads(), total_norm, gate_norm)
+    result = StepResult(True, total_norm, gate_norm)
+    if measure_post_clip:
+        result.clipped_grad_norm, result.clipped_gate_grad_norm = _grad_norms(optimizer)
+    result.updated = optimizer.step_with_ready_grads()
+    return result

@@ -83,6 +83,8 @@ class Trainer:
         self.consumed_train_samples = 0
         self.metrics = MetricsWriter(cfg, self.world_size, enabled=self.rank0)
         self.last_eval_loss: float | None = None
+        self.measure_post_clip = False  # re-measure norms after clipping (tests/debugging)
+        self.last_step_result = None
         self._maybe_resume()
 
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.dir, "data_cache")
@@ -195,7 +197,9 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(data_iterator, forward_only=False)
-        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad)
+        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad,
+                              measure_post_clip=self.measure_post_clip)
+        self.last_step_result = result
         lr = self.optimizer.param_groups[0]["lr"]
         if result.updated:
             self.scheduler.step(increment=1)
