@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import shutil
 
 import numpy as np
@@ -55,17 +56,34 @@ def iteration_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
+def _is_complete(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "metadata.json")) and not path.endswith(PARTIAL_SUFFIX)
+
+
 def find_latest(root: str) -> str | None:
-    """The newest complete checkpoint under ``root`` (None if there is none)."""
+    """The newest complete checkpoint under ``root`` (None if there is none).
+
+    ``latest`` names it; if ``latest`` is missing or names an incomplete directory (a crash
+    between the steps of a save), the newest complete ``iter_*`` directory is used.
+    """
+    if _is_complete(root):  # a checkpoint directory itself
+        return root
     pointer = os.path.join(root, LATEST)
     if os.path.isfile(pointer):
         with open(pointer) as f:
             path = os.path.join(root, f.read().strip())
-        if os.path.isfile(os.path.join(path, "metadata.json")):
+        if _is_complete(path):
             return path
-        raise CheckpointError(f"{pointer} names {path}, which is not a complete checkpoint")
-    if os.path.isfile(os.path.join(root, "metadata.json")):  # a checkpoint directory itself
-        return root
+        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
+                    pointer, path)
+    if not os.path.isdir(root):
+        return None
+    complete = sorted(name for name in os.listdir(root)
+                      if re.fullmatch(r"iter_\d+", name) and _is_complete(os.path.join(root, name)))
+    if complete:
+        return os.path.join(root, complete[-1])
+    if os.path.isfile(pointer):  # a resume was expected: do not silently start from scratch
+        raise CheckpointError(f"{pointer} names a checkpoint that is not complete, and {root} holds no other")
     return None
 
 
@@ -136,8 +154,10 @@ def save(cfg: Config, root: str, step: int, model_chunks, optimizer, scheduler, 
     dist.barrier()
     if rank0:
         save_config(cfg, os.path.join(partial, RUN_CONFIG))
-        shutil.rmtree(final, ignore_errors=True)
+        if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in place
+            os.replace(final, final + ".replaced")
         os.replace(partial, final)
+        shutil.rmtree(final + ".replaced", ignore_errors=True)
         tmp = os.path.join(root, LATEST + ".tmp")
         with open(tmp, "w") as f:
             f.write(os.path.basename(final) + "\n")

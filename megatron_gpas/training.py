@@ -67,6 +67,14 @@ class Trainer:
 
         self.cfg = cfg
         self.device = distributed.init_distributed(cfg)
+        try:
+            self._setup()
+        except BaseException:
+            distributed.shutdown(keep_process_group=True)  # Megatron's groups; the caller owns the rest
+            raise
+
+    def _setup(self):
+        cfg = self.cfg
         self.on_cpu = self.device.type == "cpu"
         self.bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and not self.on_cpu)
         self.world_size = dist.get_world_size()
@@ -85,6 +93,8 @@ class Trainer:
         self.last_eval_loss: float | None = None
         self.measure_post_clip = False  # re-measure norms after clipping (tests/debugging)
         self.last_step_result = None
+        self._saved_step: int | None = None
+        self._warned_no_valid = False
         self._maybe_resume()
 
         cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.dir, "data_cache")
@@ -213,7 +223,9 @@ class Trainer:
         return values
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        if self.valid_ds is None:
+            return None
         for chunk in self.model:
             chunk.eval()
         iterator = self._iterators(self.valid_ds, 0)
@@ -251,12 +263,21 @@ class Trainer:
 
     def _eval_and_log(self):
         loss = self.evaluate()
+        if loss is None:
+            if self.rank0 and not self._warned_no_valid:
+                print("[warn] no validation data (the data.split gives the validation split no documents); "
+                      "evaluation is skipped", flush=True)
+            self._warned_no_valid = True
+            return
         self.last_eval_loss = loss
         self.metrics.scalars(self.step, {"eval/loss": loss, "eval/ppl": perplexity(loss)})
         if self.rank0:
             print(f"[eval] step {self.step}: loss {loss:.4f} ppl {perplexity(loss):.2f}", flush=True)
 
     def save_checkpoint(self):
+        if self._saved_step == self.step:
+            return
+        self._saved_step = self.step
         root = self.cfg.checkpoint.save
         path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
                                {"step": self.step, "consumed_train_samples": self.consumed_train_samples})
