@@ -43,8 +43,8 @@ RUN_CONFIG = "run_config.yaml"
 _ARCH_KEYS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
               "ffn_hidden_size", "vocab_size", "rope_base"),
-    "norm": ("scheme", "eps"),
-    "gpas": ("enabled", "activation"),
+    "norm": ("scheme", "eps", "mixln_post_layers", "lns_mode"),
+    "gpas": ("enabled", "activation", "silu_beta", "position", "stop_gradient", "per_sublayer"),
 }
 
 

@@ -46,15 +46,25 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
-    scheme: str = "pre"  # see megatron_gpas.model.schemes.SCHEMES
+    scheme: str = "pre"  # pre | post | deepnorm | sandwich | mixln | lns (model/schemes.py)
     eps: float = 1e-6
+    mixln_post_layers: int | None = None  # Mix-LN: layers 1..k are Post-LN; None = ⌊L/4⌋
+    lns_mode: str = "init"  # LNS: init = norm weights start at 1/√l (GPAS code) | fixed = constant 1/√l (LNS paper)
+    deepnorm_beta_init: bool | None = None  # None = on for DeepNorm, off for DeepNorm+GPAS (official code)
 
 
 @dataclass
 class GPASConfig:
     enabled: bool = False
-    activation: str = "silu"  # see megatron_gpas.model.gpas.ACTIVATIONS
+    activation: str = "silu"  # silu | identity | tanh | relu | leaky_relu | scaled_silu
+    silu_beta: float = 8.0  # scaled_silu: act(α) = α·σ(β·α)
     init: float = 0.0
+    position: str = "after_sublayer"  # | before_sublayer | after_norm | after_branch (pre-norm hosts)
+    stop_gradient: bool = True  # false: plain (1 − act(α))·x, the paper's "w/o sg" ablation
+    per_sublayer: bool = False  # one gate per sub-layer instead of one per layer
+    freeze: bool = False  # gates keep their values: no gradient, no optimizer state, not clipped
+    fixed_values: str | None = None  # gate values per layer: YAML/JSON list file or a checkpoint dir
+    allow_dead_gate: bool = False  # permit relu with init <= 0 (ReLU'(0) = 0: the gate never moves)
     clip_grad: float = 0.0  # joint L2 clip over all gates after the global clip; 0 = off
 
 
@@ -312,7 +322,7 @@ def padded_vocab_size(m: ModelConfig, tensor_parallel: int) -> int:
 def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> None:
     """Raise ConfigError with a specific message for the first problem found."""
     from megatron_gpas.model.gpas import ACTIVATIONS
-    from megatron_gpas.model.schemes import SCHEMES
+    from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES
 
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     world_size = world_size_from_env() if world_size is None else world_size
@@ -327,6 +337,22 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     need(cfg.gpas.activation in ACTIVATIONS,
          f"unknown gpas.activation '{cfg.gpas.activation}'. Known: {', '.join(sorted(ACTIVATIONS))}")
     need(m.backend in ("local", "te"), f"model.backend must be 'local' or 'te', got '{m.backend}'")
+    n, g = cfg.norm, cfg.gpas
+    need(n.lns_mode in ("init", "fixed"), f"norm.lns_mode must be 'init' or 'fixed', got '{n.lns_mode}'")
+    need(n.mixln_post_layers is None or 0 <= n.mixln_post_layers <= m.num_layers,
+         f"norm.mixln_post_layers ({n.mixln_post_layers}) must be between 0 and model.num_layers ({m.num_layers})")
+    need(g.position in GATE_POSITIONS,
+         f"unknown gpas.position '{g.position}'. Known: {', '.join(GATE_POSITIONS)}")
+    need(g.position == "after_sublayer" or SCHEMES[n.scheme].pre_norm_host,
+         f"gpas.position={g.position} is defined for pre-norm hosts (pre, sandwich, lns) only; "
+         f"norm.scheme={n.scheme} places GPAS on the shortcut (gpas.position=after_sublayer)")
+    if g.enabled and g.activation == "relu" and g.init <= 0 and not g.freeze and not g.allow_dead_gate:
+        raise ConfigError(
+            "gpas.activation=relu with gpas.init <= 0: ReLU'(0) = 0 in PyTorch, so the gates never move and "
+            "the model stays the baseline (methods.md §1.2). Set gpas.init > 0, use leaky_relu, or set "
+            "gpas.allow_dead_gate=true to run it on purpose")
+    if g.fixed_values is not None:
+        need(os.path.exists(g.fixed_values), f"gpas.fixed_values not found: {g.fixed_values}")
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
 

@@ -21,8 +21,8 @@ def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
 
 
 def _layer_series(series, prefix: str):
-    pattern = re.compile(re.escape(prefix) + r"(\d+)$")
-    found = [(int(m.group(1)), tag) for tag in series if (m := pattern.match(tag))]
+    pattern = re.compile(re.escape(prefix) + r"(\d+)(_attn|_mlp)?$")
+    found = [((int(m.group(1)), m.group(2) or ""), tag) for tag in series if (m := pattern.match(tag))]
     return [(layer, series[tag]) for layer, tag in sorted(found)]
 
 
@@ -60,7 +60,7 @@ def plot_run(run_dir: str) -> list[str]:
                                   (axes[1], scales, "residual scale 1 − act(α) per layer")):
             for i, (layer, points) in enumerate(curves):
                 steps, values = zip(*points)
-                ax.plot(steps, values, color=cmap(i / max(len(curves) - 1, 1)), label=f"layer {layer}")
+                ax.plot(steps, values, color=cmap(i / max(len(curves) - 1, 1)), label=f"layer {layer[0]}{layer[1]}")
             ax.set_xlabel("step")
             ax.set_title(title)
             ax.grid(alpha=0.3)

@@ -239,15 +239,16 @@ class Trainer:
         return total / max(count, 1)
 
     def gate_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(α, 1 − act(α)) per global layer, gathered over pipeline stages and chunks."""
+        """(α, 1 − act(α)) per global layer ([L, 1], or [L, 2] with one gate per sub-layer),
+        gathered over pipeline stages and virtual chunks."""
         if not self.cfg.gpas.enabled:
             return None
-        L = self.cfg.model.num_layers
-        values = torch.zeros(2, L, dtype=torch.float64, device=self.device)
+        width = 2 if self.cfg.gpas.per_sublayer else 1
+        values = torch.zeros(2, self.cfg.model.num_layers, width, dtype=torch.float64, device=self.device)
         for chunk in self.model:
             for layer in unwrap_model(chunk).decoder.layers:
-                values[0, layer.layer_number - 1] = layer.gpas.alpha.detach().double().squeeze()
-                values[1, layer.layer_number - 1] = layer.gpas.scale().double().squeeze()
+                values[0, layer.layer_number - 1] = layer.gpas.alpha.detach().double()
+                values[1, layer.layer_number - 1] = layer.gpas.scale().double()
         dist.all_reduce(values, group=parallel_state.get_pipeline_model_parallel_group())
         return values[0].cpu(), values[1].cpu()
 
@@ -257,9 +258,11 @@ class Trainer:
         gates = self.gate_values()
         if gates is None:
             return
-        for l, (alpha, scale) in enumerate(zip(*gates), start=1):
-            values[f"gpas/alpha/layer_{l}"] = float(alpha)
-            values[f"gpas/scale/layer_{l}"] = float(scale)
+        suffixes = ("_attn", "_mlp") if self.cfg.gpas.per_sublayer else ("",)
+        for l, (alphas, scales) in enumerate(zip(*gates), start=1):
+            for suffix, alpha, scale in zip(suffixes, alphas, scales):
+                values[f"gpas/alpha/layer_{l}{suffix}"] = float(alpha)
+                values[f"gpas/scale/layer_{l}{suffix}"] = float(scale)
 
     def _eval_and_log(self):
         loss = self.evaluate()

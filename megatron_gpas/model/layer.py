@@ -4,21 +4,36 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_gpas.config import GPASConfig
-from megatron_gpas.model.gpas import GPASGate
+from megatron_gpas.config import GPASConfig, NormConfig
+from megatron_gpas.model.gpas import GPASGate, fixed_gate_values
 from megatron_gpas.model.schemes import SCHEMES
+from megatron_gpas.model.sublayer import ResidualAdd
 
 
 class NormLayer(TransformerLayer):
-    """A TransformerLayer whose residual adds (and, per scheme, norms) follow ``scheme``.
+    """A TransformerLayer whose norms, residual adds and GPAS gate follow ``norm.scheme``.
 
     ``self.layer_number`` is global and 1-based under pipeline and virtual pipeline
     parallelism (Megatron adds the stage offset in ``TransformerLayer.__init__``).
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, *, scheme: str,
+    def __init__(self, config, submodules, layer_number: int = 1, *, norm: NormConfig,
                  gpas: GPASConfig, **kwargs):
         super().__init__(config, submodules, layer_number, **kwargs)
-        self.scheme = SCHEMES[scheme]
-        self.gpas = GPASGate(config, gpas.activation, gpas.init) if gpas.enabled else None
-        self.scheme.configure(self)
+        self.gpas = None
+        self.gpas_position = gpas.position
+        if gpas.enabled:
+            self.gpas = GPASGate(config, gpas.activation, gpas.init, per_sublayer=gpas.per_sublayer,
+                                 stop_gradient=gpas.stop_gradient, learnable=not gpas.freeze,
+                                 silu_beta=gpas.silu_beta)
+            if gpas.fixed_values:
+                values = fixed_gate_values(gpas.fixed_values, config.num_layers)[self.layer_number - 1]
+                self.gpas.alpha.data.copy_(values.expand_as(self.gpas.alpha))
+        self.self_attn_bda = ResidualAdd()
+        self.mlp_bda = ResidualAdd()
+        self.scheme = SCHEMES[norm.scheme]
+        self.scheme.configure(self, norm)
+
+    def sublayers(self):
+        """(index, norm slot, residual slot) for attention (0) and MLP (1)."""
+        return ((0, self.input_layernorm, self.self_attn_bda), (1, self.pre_mlp_layernorm, self.mlp_bda))

@@ -1,0 +1,116 @@
+"""The two slots around each sub-layer that a normalization scheme configures.
+
+Megatron's ``TransformerLayer`` runs each sub-layer f (attention, then MLP) as
+
+    y, r = norm_slot(x)                 # input_layernorm / pre_mlp_layernorm; r = x unless the slot says otherwise
+    x'   = residual_slot(f(y), r)       # self_attn_bda / mlp_bda
+
+``SublayerNorm`` fills the first slot and ``ResidualAdd`` the second. Every scheme in
+``schemes.py`` is a setting of their few fields; the trainer never sees the difference.
+Both are homogeneous across layers (same parameters in every layer, whatever a layer's
+role, e.g. in Mix-LN), which keeps dist-checkpointing's stacked layer keys and resharding
+working.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from megatron_gpas.model.gpas import GPASGate
+from megatron_gpas.model.norms import RMSNorm
+
+
+class _GateRef:
+    """An unregistered reference to the layer's gate (the layer owns it), plus where to apply it."""
+
+    def __init__(self):
+        self._gate: tuple[GPASGate | None] = (None,)
+        self.gate_position: str | None = None
+        self.sublayer = 0  # 0 = attention, 1 = MLP (selects the gate when there is one per sub-layer)
+
+    def attach_gate(self, gate: GPASGate | None, position: str | None, sublayer: int) -> None:
+        self._gate = (gate,)
+        self.gate_position = position if gate is not None else None
+        self.sublayer = sublayer
+
+    def gated(self, position: str, x: torch.Tensor) -> torch.Tensor:
+        gate = self._gate[0]
+        if gate is None or self.gate_position != position:
+            return x
+        return gate(x, self.sublayer)
+
+
+class SublayerNorm(RMSNorm, _GateRef):
+    """RMSNorm in front of a sub-layer, with the options the schemes need.
+
+    deferred      Post-LN: pass x through unchanged; ``ResidualAdd`` normalizes after the add.
+    output_scale  LNS (fixed multiplier): RMSNorm(x) · output_scale.
+    gate positions handled here: ``before_sublayer`` (the residual stream itself is scaled
+    before the sub-layer: both the shortcut and the norm input) and ``after_norm``.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        RMSNorm.__init__(self, config, hidden_size, eps)
+        _GateRef.__init__(self)
+        self.deferred = False
+        self.output_scale = 1.0
+
+    def forward(self, x: torch.Tensor):
+        if self.deferred:
+            return x
+        residual = self.gated("before_sublayer", x)
+        y = super().forward(residual)
+        if self.output_scale != 1.0:
+            y = y * self.output_scale
+        y = self.gated("after_norm", y)
+        # Megatron's sanctioned way to replace the residual: return (normed, residual).
+        return (y, residual) if residual is not x else y
+
+    def normalize_after_add(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNorm.forward(self, x)
+
+
+class ResidualAdd(nn.Module, _GateRef):
+    """Drop-in for Megatron's bias-dropout-add: out = shortcut + dropout(branch), and around it
+
+    branch_norm     Sandwich-LN: RMSNorm on the sub-layer output before the add (registered).
+    shortcut_scale  DeepNorm's α: the shortcut is scaled before the add.
+    post_norm       Post-LN: the layer's deferred SublayerNorm, applied after the add.
+    gate positions handled here: ``after_add`` (GPAS on the sum, the paper's Pre-LN placement),
+    ``shortcut`` (GPAS on the shortcut only, the paper's DeepNorm/Post placement) and
+    ``after_branch`` (on the sub-layer output).
+    """
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        _GateRef.__init__(self)
+        self.branch_norm: RMSNorm | None = None
+        self.shortcut_scale = 1.0
+        self._post_norm: tuple[SublayerNorm | None] = (None,)
+
+    def normalize_after_add(self, norm: SublayerNorm) -> None:
+        norm.deferred = True
+        self._post_norm = (norm,)
+
+    def forward(self, training: bool, fused: bool):
+        bias_dropout_add = get_bias_dropout_add(training, fused)
+
+        def residual_add(branch_with_bias, shortcut, dropout_prob):
+            branch, bias = branch_with_bias
+            if self.branch_norm is not None:
+                branch, bias = self.branch_norm(branch if bias is None else branch + bias), None
+            if self.gate_position == "after_branch":
+                branch, bias = self.gated("after_branch", branch if bias is None else branch + bias), None
+            shortcut = self.gated("shortcut", shortcut)
+            if self.shortcut_scale != 1.0:
+                shortcut = shortcut * self.shortcut_scale
+            out = bias_dropout_add((branch, bias), shortcut, dropout_prob)
+            post_norm = self._post_norm[0]
+            if post_norm is not None:
+                out = post_norm.normalize_after_add(out)
+            return self.gated("after_add", out)
+
+        return residual_add
