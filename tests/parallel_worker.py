@@ -14,6 +14,12 @@ Kinds:
                step: loss, pre-/post-clip norms (``measure_post_clip``) and the gate values α
   expect_error build a Trainer and record the exception it raises
   crash_save   simulate a save that dies mid-way and check what a resume picks up
+  audit        build a Trainer (no training) and record the sequence-parallel audit and layer structure
+
+Options of ``train`` cases (tests/test_parallel_schemes.py): ``checksums`` adds per-step
+parameter checksums to the records (and the post-load ones as ``start_checksums``);
+``structure`` records each layer's scheme configuration as built, before any checkpoint
+is loaded (so e.g. LNS' 1/√l norm-weight init is still visible).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -37,7 +44,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _record_steps(trainer: Trainer) -> list[dict]:
+def _record_steps(trainer: Trainer, checksums: dict | None = None) -> list[dict]:
     """Wrap trainer.train_step so every step's numbers are captured on every rank."""
     records: list[dict] = []
     original = trainer.train_step
@@ -45,7 +52,8 @@ def _record_steps(trainer: Trainer) -> list[dict]:
     def train_step(iterator):
         values = original(iterator)
         result = trainer.last_step_result
-        alpha, _ = trainer.gate_values()  # collective over PP: every rank runs it
+        gates = trainer.gate_values()  # collective over PP: every rank runs it (None without GPAS)
+        alpha = gates[0].reshape(-1) if gates is not None else []
         records.append({
             "step": trainer.step,
             "loss": values["train/loss"],
@@ -57,10 +65,83 @@ def _record_steps(trainer: Trainer) -> list[dict]:
             "updated": result.updated,
             "alpha": [float(a) for a in alpha],
         })
+        if checksums is not None:  # the parameter values when training started
+            records[-1]["checksums"] = _param_checksums(trainer, checksums)
         return values
 
     trainer.train_step = train_step
     return records
+
+
+def _checksum(param: torch.Tensor, initial: dict) -> list:
+    w = param.detach().double()
+    moved = w - initial[id(param)].double() if id(param) in initial else torch.zeros_like(w)
+    return [float(w.sum()), float((w * w).sum()), float(w.abs().sum()), float((moved * moved).sum()),
+            w.numel(), bool(getattr(param, "tensor_model_parallel", False))]
+
+
+def _snapshot(trainer: Trainer) -> dict:
+    from megatron.core.utils import unwrap_model
+
+    return {id(p): p.detach().clone() for chunk in trainer.model for p in unwrap_model(chunk).parameters()}
+
+
+def _param_checksums(trainer: Trainer, initial: dict | None = None) -> dict:
+    """This rank's share of every parameter, float64: {global name: [Σw, Σw², Σ|w|, Σ(w − w₀)²,
+    numel, tensor-parallel?]}, w₀ = ``initial`` (the values when training started).
+
+    Layer parameters are named by the global 1-based layer number (``layer3.mlp...``), so
+    the test can merge the ranks of any layout: tensor-parallel shards partition the
+    global tensor (sum the TP ranks' values), everything else is replicated over TP.
+    Only data-parallel rank 0 reports (DP replicas hold the same values).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.utils import unwrap_model
+
+    if parallel_state.get_data_parallel_rank() != 0:
+        return {}
+    out: dict = {}
+    with torch.no_grad():
+        for chunk in trainer.model:
+            module = unwrap_model(chunk)
+            in_layers = set()
+            for layer in module.decoder.layers:
+                for name, param in layer.named_parameters():
+                    in_layers.add(id(param))
+                    out[f"layer{layer.layer_number}.{name}"] = _checksum(param, initial or {})
+            for name, param in module.named_parameters():
+                if id(param) in in_layers:
+                    continue
+                out[name] = _checksum(param, initial or {})
+    return {"tp_rank": parallel_state.get_tensor_model_parallel_rank(), "values": out}
+
+
+def _layer_structure(trainer: Trainer) -> dict:
+    """How the scheme configured each layer this rank holds, keyed by global layer number."""
+    from megatron.core.utils import unwrap_model
+
+    layers: dict = {}
+    for chunk in trainer.model:
+        for layer in unwrap_model(chunk).decoder.layers:
+            slots = []
+            for _, norm, residual in layer.sublayers():
+                slots.append({
+                    "deferred": bool(norm.deferred),
+                    "output_scale": float(norm.output_scale),
+                    "norm_weight_mean": float(norm.weight.detach().double().mean()),
+                    "norm_gate": norm.gate_position,
+                    "residual_gate": residual.gate_position,
+                    "post_norm": residual._post_norm[0] is norm,
+                    "shortcut_scale": float(residual.shortcut_scale),
+                    "branch_norm": residual.branch_norm is not None,
+                    "sublayer": residual.sublayer,
+                })
+            layers[str(layer.layer_number)] = {
+                "slots": slots,
+                "gate": layer.gpas is not None,
+                "gate_learnable": bool(layer.gpas.alpha.requires_grad) if layer.gpas is not None else None,
+            }
+    return layers
 
 
 def _sequence_parallel_audit(trainer: Trainer) -> dict:
@@ -104,22 +185,54 @@ def run_save_init(case: dict) -> dict:
         trainer.close(keep_process_group=True)
 
 
-def run_train(case: dict) -> dict:
-    trainer = Trainer(load_config(None, case["overrides"]))
+def _build_trainer(case: dict, out: dict) -> Trainer:
+    """Trainer(...); with ``structure``, the layers are recorded before any checkpoint loads."""
+    if not case.get("structure"):
+        return Trainer(load_config(None, case["overrides"]))
+    original = Trainer._maybe_resume
+
+    def maybe_resume(self):
+        out["structure"] = _layer_structure(self)
+        return original(self)
+
+    Trainer._maybe_resume = maybe_resume
     try:
-        out: dict = {"start_step": trainer.step, "start_consumed": trainer.consumed_train_samples,
-                     "world_size": trainer.world_size, "dp": trainer.dp,
-                     "num_microbatches": trainer.num_microbatches}
+        return Trainer(load_config(None, case["overrides"]))
+    finally:
+        Trainer._maybe_resume = original
+
+
+def run_train(case: dict) -> dict:
+    out: dict = {}
+    trainer = _build_trainer(case, out)
+    try:
+        out.update({"start_step": trainer.step, "start_consumed": trainer.consumed_train_samples,
+                    "world_size": trainer.world_size, "dp": trainer.dp,
+                    "num_microbatches": trainer.num_microbatches})
         if case.get("sp_audit"):
             out["sp_audit"] = _sequence_parallel_audit(trainer)
+        initial = None
+        if case.get("checksums"):
+            initial = _snapshot(trainer)
+            out["start_checksums"] = _param_checksums(trainer)
         trainer.measure_post_clip = True
-        out["records"] = _record_steps(trainer)
+        out["records"] = _record_steps(trainer, checksums=initial)
         summary = trainer.train()
         out["summary"] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                           for k, v in summary.items()}
         out["end_step"] = trainer.step
         if trainer.rank0:
             out["history"] = trainer.metrics.history
+        return out
+    finally:
+        trainer.close(keep_process_group=True)
+
+
+def run_audit(case: dict) -> dict:
+    out: dict = {}
+    trainer = _build_trainer({**case, "structure": True}, out)
+    try:
+        out["sp_audit"] = _sequence_parallel_audit(trainer)
         return out
     finally:
         trainer.close(keep_process_group=True)
@@ -192,7 +305,7 @@ def run_crash_save(case: dict) -> dict:
 
 
 KINDS = {"dataset": run_dataset, "save_init": run_save_init, "train": run_train,
-         "expect_error": run_expect_error, "crash_save": run_crash_save}
+         "expect_error": run_expect_error, "crash_save": run_crash_save, "audit": run_audit}
 
 
 def main(spec_path: str) -> None:
@@ -206,7 +319,9 @@ def main(spec_path: str) -> None:
         for case in spec["cases"]:
             if rank == 0:
                 print(f"[worker] case {case['name']} ({case['kind']})", flush=True)
+            started = time.perf_counter()
             results["cases"][case["name"]] = KINDS[case["kind"]](case)
+            results["cases"][case["name"]]["seconds"] = time.perf_counter() - started
             with open(out_path, "w") as f:  # partial results survive a later failure
                 json.dump(results, f)
     except BaseException:

