@@ -39,13 +39,26 @@ LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 RUN_CONFIG = "run_config.yaml"
 
-# Config sections that define the network; a checkpoint only loads into the same ones.
-_ARCH_KEYS = {
-    "model": ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-              "ffn_hidden_size", "vocab_size", "rope_base"),
-    "norm": ("scheme", "eps", "mixln_post_layers", "lns_mode"),
-    "gpas": ("enabled", "activation", "silu_beta", "position", "stop_gradient", "per_sublayer"),
-}
+def architecture(config: dict) -> dict:
+    """The config values that define the network a checkpoint holds, as effective values
+    (defaults resolved; options that do not apply dropped)."""
+    m, n, g = config["model"], config["norm"], config["gpas"]
+    arch = {f"model.{key}": m.get(key) for key in (
+        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+        "ffn_hidden_size", "vocab_size", "rope_base")}
+    arch["norm.scheme"], arch["norm.eps"] = n.get("scheme"), n.get("eps")
+    if n.get("scheme") == "mixln":
+        k = n.get("mixln_post_layers")
+        arch["norm.mixln_post_layers"] = m.get("num_layers") // 4 if k is None else k
+    if n.get("scheme") == "lns":
+        arch["norm.lns_mode"] = n.get("lns_mode")
+    arch["gpas.enabled"] = g.get("enabled")
+    if g.get("enabled"):
+        for key in ("activation", "position", "stop_gradient", "per_sublayer"):
+            arch[f"gpas.{key}"] = g.get(key)
+        if g.get("activation") == "scaled_silu":
+            arch["gpas.silu_beta"] = g.get("silu_beta")
+    return arch
 
 
 class CheckpointError(RuntimeError):
@@ -172,14 +185,10 @@ def check_compatible(cfg: Config, path: str) -> None:
     if not os.path.isfile(config_file):
         return
     with open(config_file) as f:
-        saved = yaml.safe_load(f)
-    current = cfg.to_dict()
-    diffs = [
-        f"{section}.{key}: checkpoint has {saved[section].get(key)!r}, config has {current[section][key]!r}"
-        for section, keys in _ARCH_KEYS.items()
-        for key in keys
-        if saved.get(section, {}).get(key) != current[section][key]
-    ]
+        saved = architecture(yaml.safe_load(f))
+    current = architecture(cfg.to_dict())
+    diffs = [f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}"
+             for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match this run's model:\n  " + "\n  ".join(diffs))
 

@@ -116,7 +116,7 @@ class DataConfig:
     # Indexed-dataset path prefixes (PREFIX.bin/.idx). With several, `weights` blends them.
     paths: list[str] = field(default_factory=list)
     weights: list[float] | None = None
-    split: str = "98,1,1"  # train,valid,test documents
+    split: str = "99,1,0"  # train,valid,test shares of the documents
     cache_dir: str | None = None  # GPTDataset index cache; default: <logging.dir>/data_cache
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     num_workers: int = 0  # DataLoader workers
@@ -219,6 +219,11 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"config key '{where}' must be an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
         return float(value)
@@ -353,6 +358,15 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
             "gpas.allow_dead_gate=true to run it on purpose")
     if g.fixed_values is not None:
         need(os.path.exists(g.fixed_values), f"gpas.fixed_values not found: {g.fixed_values}")
+        from megatron_gpas.model.gpas import fixed_gate_values
+
+        try:
+            values = fixed_gate_values(g.fixed_values, m.num_layers)
+        except (ValueError, RuntimeError) as e:
+            raise ConfigError(str(e)) from e
+        need(values.shape[1] == 1 or g.per_sublayer,
+             f"gpas.fixed_values {g.fixed_values} holds one value per sub-layer (2 per layer); "
+             "set gpas.per_sublayer=true or give one value per layer")
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
 

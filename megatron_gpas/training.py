@@ -26,7 +26,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed
 from megatron_gpas.config import Config, data_parallel_size, padded_vocab_size, validate
-from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset
+from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset, check_split
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
 from megatron_gpas.optim import build_optimizer, clipped_step
@@ -64,6 +64,7 @@ class Trainer:
             )
         for prefix in cfg.data.paths:
             check_indexed_dataset(prefix)
+        check_split(cfg.data.paths, cfg.data.split)
 
         self.cfg = cfg
         self.device = distributed.init_distributed(cfg)

@@ -345,9 +345,6 @@ def test_later_override_wins(base_yaml):
     assert load_config(base_yaml, ["train.steps=3", "train.steps=5"]).train.steps == 5
 
 
-@pytest.mark.xfail(reason="PyYAML (YAML 1.1) reads '1e-3' (no dot) as a string, and config._coerce rejects "
-                          "strings for float keys; the README promises that `optim.lr=1e-3` works",
-                   raises=ConfigError, strict=False)
 def test_float_override_in_exponent_form_without_dot(base_yaml):
     cfg = load_config(base_yaml, ["optim.lr=1e-3", "optim.adam_eps=1e-8"])
     assert cfg.optim.lr == 1e-3 and type(cfg.optim.lr) is float

@@ -576,27 +576,38 @@ def _saved_config_dir(tmp_path: Path, *overrides: str) -> str:
     return str(path)
 
 
-ARCH_CHANGES = [
-    (["norm.scheme=sandwich"], "norm.scheme: checkpoint has 'pre', config has 'sandwich'"),
-    (["gpas.position=after_norm"], "gpas.position: checkpoint has 'after_sublayer', config has 'after_norm'"),
-    (["gpas.enabled=false"], "gpas.enabled: checkpoint has True, config has False"),
-    (["gpas.per_sublayer=true"], "gpas.per_sublayer: checkpoint has False, config has True"),
-    (["gpas.stop_gradient=false"], "gpas.stop_gradient: checkpoint has True, config has False"),
-    (["gpas.activation=tanh"], "gpas.activation: checkpoint has 'silu', config has 'tanh'"),
-    (["norm.lns_mode=fixed"], "norm.lns_mode: checkpoint has 'init', config has 'fixed'"),
-    (["norm.mixln_post_layers=2"], "norm.mixln_post_layers: checkpoint has None, config has 2"),
-    (["norm.eps=1.0e-5"], "norm.eps: checkpoint has 1e-06, config has 1e-05"),
+ARCH_CHANGES = [  # (host, change, the one reported difference)
+    ("pre", ["norm.scheme=sandwich"], "norm.scheme: checkpoint has 'pre', config has 'sandwich'"),
+    ("pre", ["gpas.position=after_norm"], "gpas.position: checkpoint has 'after_sublayer', config has 'after_norm'"),
+    ("pre", ["gpas.enabled=false"], "gpas.enabled: checkpoint has True, config has False"),
+    ("pre", ["gpas.per_sublayer=true"], "gpas.per_sublayer: checkpoint has False, config has True"),
+    ("pre", ["gpas.stop_gradient=false"], "gpas.stop_gradient: checkpoint has True, config has False"),
+    ("pre", ["gpas.activation=tanh"], "gpas.activation: checkpoint has 'silu', config has 'tanh'"),
+    ("lns", ["norm.lns_mode=fixed"], "norm.lns_mode: checkpoint has 'init', config has 'fixed'"),
+    # effective value: the default k = floor(4 / 4) = 1 Post-LN layer
+    ("mixln", ["norm.mixln_post_layers=2"], "norm.mixln_post_layers: checkpoint has 1, config has 2"),
+    ("pre", ["norm.eps=1.0e-5"], "norm.eps: checkpoint has 1e-06, config has 1e-05"),
 ]
 
 
-@pytest.mark.parametrize("change,line", ARCH_CHANGES, ids=[c[0][0].split("=")[0] for c in ARCH_CHANGES])
-def test_checkpoint_refuses_another_scheme_or_gpas_option(tmp_path, change, line):
-    path = _saved_config_dir(tmp_path, "norm.scheme=pre", "gpas.enabled=true")
-    check_compatible(make_cfg("norm.scheme=pre", "gpas.enabled=true"), path)  # same: fine
+@pytest.mark.parametrize("host,change,line", ARCH_CHANGES, ids=[c[1][0].split("=")[0] for c in ARCH_CHANGES])
+def test_checkpoint_refuses_another_scheme_or_gpas_option(tmp_path, host, change, line):
+    path = _saved_config_dir(tmp_path, f"norm.scheme={host}", "gpas.enabled=true")
+    check_compatible(make_cfg(f"norm.scheme={host}", "gpas.enabled=true"), path)  # same: fine
     with pytest.raises(CheckpointError) as excinfo:
-        check_compatible(make_cfg("norm.scheme=pre", "gpas.enabled=true", *change), path)
+        check_compatible(make_cfg(f"norm.scheme={host}", "gpas.enabled=true", *change), path)
     assert line in str(excinfo.value)
     assert str(excinfo.value).count(": checkpoint has ") == 1  # exactly the one difference
+
+
+@pytest.mark.parametrize("host,saved,loaded", [
+    ("mixln", [], ["norm.mixln_post_layers=1"]),  # default k = floor(L/4) = 1 builds the same model
+    ("pre", [], ["gpas.silu_beta=3.0"]),  # beta only matters for scaled_silu
+    ("pre", [], ["norm.lns_mode=fixed", "norm.mixln_post_layers=2"]),  # options of other schemes
+])
+def test_checkpoint_compares_effective_architecture(tmp_path, host, saved, loaded):
+    path = _saved_config_dir(tmp_path, f"norm.scheme={host}", "gpas.enabled=true", *saved)
+    check_compatible(make_cfg(f"norm.scheme={host}", "gpas.enabled=true", *loaded), path)
 
 
 def test_checkpoint_lists_every_difference(tmp_path):

@@ -57,6 +57,28 @@ def check_indexed_dataset(prefix: str) -> IndexedDataset:
     return dataset
 
 
+def check_split(prefixes: list[str], split: str) -> None:
+    """Every split with a non-zero ratio must get at least one document of every dataset.
+
+    (Megatron's GPTDataset loops forever computing epochs for an empty split that was asked
+    for samples, so this is checked up front.)
+    """
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for prefix in prefixes:
+        num = len(IndexedDataset(prefix, mmap=True))
+        for name, bounds in zip(("train", "validation", "test"), matrix):
+            if bounds is not None and int(round(bounds[1] * num)) - int(round(bounds[0] * num)) == 0:
+                raise ValueError(
+                    f"data.split '{split}' gives the {name} split of '{prefix}' no documents "
+                    f"({num} in the dataset); set that split's share to 0 (e.g. '99,1,0') or use more data"
+                )
+
+
 def build_datasets(cfg: Config, eod_id: int, vocab_size: int, cache_dir: str):
     """(train, valid, test) GPTDatasets sized for the whole run."""
     t = cfg.train

@@ -55,7 +55,6 @@ def register_gate_grad_norm_group() -> None:
 GATE_CHECKPOINT_KEY = "decoder.layers.gpas.alpha"  # stacked [L, 1 or 2] in a dist-checkpoint
 
 
-@functools.lru_cache(maxsize=4)
 def fixed_gate_values(path: str, num_layers: int) -> torch.Tensor:
     """Predefined gate values α, one row per global layer ([L, 1] or [L, 2]).
 
@@ -63,11 +62,21 @@ def fixed_gate_values(path: str, num_layers: int) -> torch.Tensor:
     sub-layer), or a checkpoint directory of another run (its gates are read offline).
     """
     if os.path.isdir(path):
-        from torch.distributed.checkpoint import FileSystemReader, load
-
         from megatron_gpas.checkpoint import find_latest
 
-        checkpoint = find_latest(path) or path
+        source = find_latest(path) or path
+    else:
+        source = path
+    # Every layer asks; read once per (resolved) source and version.
+    return _read_gate_values(source, os.path.getmtime(source), num_layers).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gate_values(path: str, mtime: float, num_layers: int) -> torch.Tensor:
+    if os.path.isdir(path):
+        from torch.distributed.checkpoint import FileSystemReader, load
+
+        checkpoint = path
         reader = FileSystemReader(checkpoint)
         metadata = reader.read_metadata().state_dict_metadata
         if GATE_CHECKPOINT_KEY not in metadata:
@@ -95,8 +104,9 @@ class GPASGate(nn.Module):
     One α (shape [1]) shared by the attention and MLP sub-layers (the paper), or one per
     sub-layer (shape [2]) with ``per_sublayer``. Without ``stop_gradient`` the operator is
     a plain multiplication (1 − act(α))·x (the paper's "w/o sg" ablation). A gate that is
-    not ``learnable`` (fixed values, or frozen for fine-tuning) has requires_grad=False,
-    so it gets no gradient, no optimizer state and no part in the gate clip.
+    not ``learnable`` (``gpas.freeze``: fine-tuning, or fixed predefined values) has
+    requires_grad=False, so it gets no gradient, no optimizer state and no part in the
+    gate clip.
     """
 
     def __init__(self, config: TransformerConfig, activation: str = "silu", init: float = 0.0, *,
