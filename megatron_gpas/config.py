@@ -426,8 +426,9 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     # optimizer
     need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
-    need(0 <= o.warmup_steps <= (o.decay_steps or t.steps),
-         f"optim.warmup_steps ({o.warmup_steps}) must be in [0, decay steps ({o.decay_steps or t.steps})]")
+    need(0 <= o.warmup_steps < (o.decay_steps or t.steps),
+         f"optim.warmup_steps ({o.warmup_steps}) must be >= 0 and below the decay steps "
+         f"({o.decay_steps or t.steps}: optim.decay_steps, else train.steps)")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
     need(cfg.gpas.clip_grad >= 0, f"gpas.clip_grad must be >= 0 (0 disables), got {cfg.gpas.clip_grad}")
 

@@ -320,7 +320,7 @@ def test_preset_given_by_override_over_a_file_with_a_shape(base_yaml):
 
 
 def test_dotted_overrides_are_yaml_typed(base_yaml):
-    cfg = load_config(base_yaml, ["train.steps=20", "gpas.enabled=false", "optim.lr=1.0e-3",
+    cfg = load_config(base_yaml, ["train.steps=20", "gpas.enabled=false", "optim.lr=1e-3",
                                   "optim.clip_grad=1", "data.weights=[1, 2]",
                                   "data.paths=[a, b]", "checkpoint.save=null", "logging.dir=runs/x"])
     assert cfg.train.steps == 20 and type(cfg.train.steps) is int
@@ -343,6 +343,11 @@ def test_override_wins_over_file_and_creates_sections(base_yaml):
 
 def test_later_override_wins(base_yaml):
     assert load_config(base_yaml, ["train.steps=3", "train.steps=5"]).train.steps == 5
+
+
+def test_warmup_as_long_as_the_decay_is_rejected(base_yaml):
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps \(10\)"):
+        _load_and_validate(base_yaml, ["optim.warmup_steps=10", "train.steps=10"])
 
 
 def test_float_override_in_exponent_form_without_dot(base_yaml):

@@ -4,7 +4,8 @@
     python tools/make_paper_configs.py           # (re)write the files
     python tools/make_paper_configs.py --check   # exit 1 if a file differs from what would be written
 
-Writes examples/paper/{pre,pre_gpas}_{71m,130m,250m,350m,1b,7b}.yaml and
+Writes examples/paper/{scheme}[_gpas]_{71m,130m,250m,350m,1b}.yaml for the 11 rows of the
+paper's Table 2 (6 baselines, 5 GPAS variants), {pre,pre_gpas}_7b.yaml, and
 examples/llama3_8b_pre_gpas.yaml. Hyperparameters: GPAS paper Table 1 (targets.md,
 methods.md §1.8): Adam β=(0.9, 0.999), eps 1e-8, no weight decay, linear warmup then
 cosine to 0.1×peak, sequence length 256, global batch 512 sequences (7B: 2048), seed 42,
@@ -71,16 +72,47 @@ def _optim(lr: float, warmup: int, clip: float) -> dict:
     }
 
 
-def _paper_config(size: str, gpas: bool) -> tuple[str, str]:
+# The rows of the paper's Table 2: (norm.scheme, GPAS on, the row's name in the paper).
+ROWS = [
+    ("post", False, "Post-LN"),
+    ("deepnorm", False, "DeepNorm"),
+    ("pre", False, "Pre-LN"),
+    ("sandwich", False, "Sandwich-LN"),
+    ("mixln", False, "Mix-LN"),
+    ("lns", False, "LNS"),
+    ("deepnorm", True, "DeepNorm+GPAS"),
+    ("pre", True, "Pre+GPAS"),
+    ("sandwich", True, "Sandwich+GPAS"),
+    ("mixln", True, "Mix+GPAS"),
+    ("lns", True, "LNS+GPAS"),
+]
+SCHEME_NOTES = {
+    "post": "Post-LN: x' = RMSNorm(x + f(x)) (methods.md §2.2); + GPAS on the shortcut.",
+    "deepnorm": "DeepNorm: x' = RMSNorm((2N)^(1/4)·x + f(x)) with the β-init (§2.4); "
+                "+ GPAS on the shortcut, without the β-init (official code).",
+    "pre": "Pre-LN: x' = x + f(RMSNorm(x)) (§2.1); + GPAS after each residual add.",
+    "sandwich": "Sandwich-LN: x' = x + RMSNorm(f(RMSNorm(x))) (§2.3); + GPAS after each add.",
+    "mixln": "Mix-LN: the first ⌊L/4⌋ layers Post-LN, the rest Pre-LN (§2.5); + GPAS per layer kind.",
+    "lns": "LayerNorm Scaling: norm weights start at 1/√l (GPAS code, §2.7); + GPAS after each add.",
+}
+
+
+def config_name(scheme: str, gpas: bool, size: str) -> str:
+    return f"{scheme}{'_gpas' if gpas else ''}_{size}"
+
+
+def _paper_config(size: str, scheme: str, gpas: bool, row: str) -> tuple[str, str]:
     lr, warmup, steps, gbs, mbs, layout, layout_note = PAPER[size]
-    name = f"{'pre_gpas' if gpas else 'pre'}_{size}"
+    name = config_name(scheme, gpas, size)
     big = size == "7b"
+    # The gate clip: the 7B recipe, and Sandwich+GPAS 1B, which the GPAS README says needs it.
+    gate_clip = 0.01 if big or (gpas and scheme == "sandwich" and size == "1b") else 0.0
     parallel = {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "distributed_optimizer": False}
     parallel.update(layout)
     cfg = {
         "model": {"preset": size, "backend": "local"},
-        "norm": {"scheme": "pre", "eps": 1e-6},
-        "gpas": {"enabled": gpas, "activation": "silu", "init": 0.0, "clip_grad": 0.01 if big else 0.0},
+        "norm": {"scheme": scheme, "eps": 1e-6},
+        "gpas": {"enabled": gpas, "activation": "silu", "init": 0.0, "clip_grad": gate_clip},
         "parallel": parallel,
         "train": {
             "steps": steps,
@@ -101,12 +133,15 @@ def _paper_config(size: str, gpas: bool) -> tuple[str, str]:
         "checkpoint": {"save": f"checkpoints/{name}", "load": f"checkpoints/{name}", "save_interval": 2000},
         "logging": {"dir": f"runs/paper/{name}", "interval": 10},
     }
-    method = "Pre-LN + GPAS (SiLU gate, init 0)" if gpas else "Pre-LN baseline (no GPAS)"
+    method = f"{row} (Table 2 row{', SiLU gate, init 0' if gpas else ''})"
     lines = [
+        SCHEME_NOTES[scheme],
         f"Model: the paper's {size.upper()} shape (model.preset {size}), vocab 32000 (T5 tokenizer).",
         f"Recipe: peak LR {_sci(lr)}, {warmup:,} warmup steps, {steps:,} steps, global batch {gbs} x {SEQ_LENGTH} tokens,",
         "Adam (0.9, 0.999) eps 1e-8, no weight decay, cosine to 0.1 x peak,",
-        "clip 1.0 over all parameters, then a joint 0.01 clip over the gates." if big else "no gradient clipping.",
+        "clip 1.0 over all parameters, then a joint 0.01 clip over the gates." if big
+        else ("a joint 0.01 clip over the gates (GPAS README), no global clip." if gate_clip
+              else "no gradient clipping."),
     ]
     if big:
         lines.append("The paper planned 150K steps and stopped at 40K (add train.exit_after_steps=40000 to match).")
@@ -177,7 +212,8 @@ def _llama3_config() -> tuple[str, str]:
 
 def render_all() -> dict[str, str]:
     """relative path under examples/ -> file text."""
-    files = dict(_paper_config(size, gpas) for size in PAPER for gpas in (False, True))
+    files = dict(_paper_config(size, scheme, gpas, row) for size in PAPER for scheme, gpas, row in ROWS
+                 if size != "7b" or scheme == "pre")  # the paper ran 7B for Pre-LN and Pre+GPAS only
     files.update([_llama3_config()])
     return files
 
