@@ -63,7 +63,22 @@ class Tokenizer:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
 
-class SentencePieceTokenizer(Tokenizer):
+class _FileTokenizer(Tokenizer):
+    """A tokenizer loaded from one local file; pickles by path (so worker processes reload it)."""
+
+    path: str
+    eod_token: str | None
+    _eod_id: int
+
+    @property
+    def eod_id(self) -> int:
+        return self._eod_id
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.eod_token))
+
+
+class SentencePieceTokenizer(_FileTokenizer):
     """A SentencePiece ``.model`` file, e.g. the 32k Llama/Mistral tokenizer."""
 
     def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
@@ -98,15 +113,8 @@ class SentencePieceTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return self.sp.vocab_size()
 
-    @property
-    def eod_id(self) -> int:
-        return self._eod_id
 
-    def __reduce__(self):
-        return (type(self), (self.path, self.eod_token))
-
-
-class HFTokenizer(Tokenizer):
+class HFTokenizer(_FileTokenizer):
     """A Hugging Face ``tokenizer.json`` file, loaded with the ``tokenizers`` library."""
 
     def __init__(self, path: str | os.PathLike, eod_token: str | None = None):
@@ -144,13 +152,6 @@ class HFTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return self._vocab_size
-
-    @property
-    def eod_id(self) -> int:
-        return self._eod_id
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.eod_token))
 
 
 class NullTokenizer(Tokenizer):

@@ -97,7 +97,7 @@ def _overrides(ws: Path, model: str, run: str, *extra: str) -> list[str]:
         f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_interval=0", "train.eval_iters=1",
         "optim.lr=3.0e-3", "optim.warmup_steps=0", f"optim.clip_grad={CLIP_GRAD!r}",
         f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'", "data.tokenizer.vocab_size=256",
-        f"data.cache_dir='{ws / 'data_cache'}'",
+        f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",  # the data the thresholds were set on
         f"logging.dir='{ws / 'runs' / model / run}'", "logging.interval=1", "logging.tensorboard=false",
         "logging.plots=false",
         *extra,
