@@ -86,6 +86,8 @@ class TrainConfig:
     global_batch_size: int = 8
     seed: int = 42
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    fp8: str | None = None  # Transformer Engine FP8 GEMMs: e4m3 | hybrid (needs model.backend=te)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 | blockwise (Megatron-Core's recipes)
     eval_interval: int = 0  # 0 = evaluate only at the end
     eval_iters: int = 4  # validation global batches per evaluation
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this run; 0 = off
@@ -439,6 +441,12 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
         need(transformer_engine_available(),
              "model.backend=te needs Transformer Engine with a CUDA GPU; install the 'te' extra "
              "(pip install -e '.[te]') on a GPU machine, or use model.backend=local")
+    if t.fp8 is not None:
+        need(t.fp8 in ("e4m3", "hybrid"), f"train.fp8 must be e4m3 or hybrid, got '{t.fp8}'")
+        need(m.backend == "te", "train.fp8 needs model.backend=te (FP8 GEMMs come from Transformer Engine)")
+        need(t.fp8_recipe in ("delayed", "tensorwise", "mxfp8", "blockwise"),
+             f"unknown train.fp8_recipe '{t.fp8_recipe}'")
+        need(t.precision != "fp32", "train.fp8 runs on top of BF16; set train.precision to auto or bf16")
     if t.precision == "bf16":
         import torch
 

@@ -172,6 +172,15 @@ def test_bf16_without_gpu(base_yaml):
         _load_and_validate(base_yaml, ["train.precision=bf16"])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["train.fp8=e4m3"], r"train\.fp8 needs model\.backend=te"),
+    (["train.fp8=e5m2"], r"train\.fp8 must be e4m3 or hybrid"),
+])
+def test_fp8_options_are_checked(base_yaml, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        _load_and_validate(base_yaml, overrides)
+
+
 def test_unknown_top_level_section(tmp_path, files):
     tree = _base_tree(files)
     tree["trainer"] = {"steps": 3}

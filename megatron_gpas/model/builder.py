@@ -49,9 +49,11 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         pipeline_dtype=dtype,
         # gloo mixes up batched isend/irecv under interleaving (megatron-notes §9.4)
         batch_p2p_comm=not on_cpu,
-        # precision
+        # precision (FP8 GEMMs through Transformer Engine on top of BF16)
         bf16=bf16,
         params_dtype=dtype,
+        fp8=cfg.train.fp8,
+        **({"fp8_recipe": cfg.train.fp8_recipe} if cfg.train.fp8 else {}),
         # fusions: only where the kernels exist
         bias_dropout_fusion=not on_cpu,
         masked_softmax_fusion=False,
