@@ -6,7 +6,7 @@ whatever the TP/PP layout.
 
 TensorBoard tags: train/loss, train/lr, train/grad_norm, train/gate_grad_norm,
 eval/loss, eval/ppl, perf/tokens_per_s, gpas/alpha/layer_{l}, gpas/scale/layer_{l}
-(l = global 1-based layer number, scale = 1 − act(α)).
+(l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l}.
 """
 
 from __future__ import annotations

@@ -51,6 +51,24 @@ def plot_run(run_dir: str) -> list[str]:
     plt.close(fig)
     written.append(path)
 
+    variances = _layer_series(series, "activations/variance/layer_")
+    if variances:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        cmap = plt.get_cmap("viridis")
+        for i, (layer, points) in enumerate(variances):
+            steps, values = zip(*points)
+            ax.plot(steps, values, color=cmap(i / max(len(variances) - 1, 1)), label=f"layer {layer[0]}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title("variance of each layer's input hidden state")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        path = os.path.join(run_dir, "activation_variance.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     alphas = _layer_series(series, "gpas/alpha/layer_")
     if alphas:
         scales = _layer_series(series, "gpas/scale/layer_")

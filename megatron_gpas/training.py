@@ -25,6 +25,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed
+from megatron_gpas.activation_stats import LayerInputVariance
 from megatron_gpas.config import Config, data_parallel_size, padded_vocab_size, validate
 from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset, check_split
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
@@ -86,6 +87,8 @@ class Trainer:
         self.model_config = transformer_config(cfg, bf16=self.bf16, on_cpu=self.on_cpu)
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
+        self.activation_stats = LayerInputVariance(self.model, cfg.model.num_layers, cfg.parallel.sequence_parallel,
+                                                   self.device)
         self._wire_schedules()
 
         self.step = 0
@@ -304,14 +307,20 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         while self.step < t.steps:
+            step = self.step + 1
+            at_end = step == t.steps
+            stop_now = bool(t.exit_after_steps) and step - start_step >= t.exit_after_steps
+            log_now = step % cfg.logging.interval == 0 or at_end or stop_now or step == start_step + 1
+            self.activation_stats.active = log_now  # layer-input variance only on logged steps
             values = self.train_step(iterator)
+            self.activation_stats.active = False
             interval_steps += 1
-            at_end = self.step == t.steps
-            stop_now = t.exit_after_steps and self.step - start_step >= t.exit_after_steps
-            if self.step % cfg.logging.interval == 0 or at_end or stop_now or self.step == start_step + 1:
+            if log_now:
                 values.update(self.metrics.throughput(tokens_per_step * interval_steps, interval_watch.lap()))
                 interval_steps = 0
                 self._log_gates(values)
+                for l, variance in enumerate(self.activation_stats.collect().tolist(), start=1):
+                    values[f"activations/variance/layer_{l}"] = variance
                 self.metrics.scalars(self.step, values)
                 self.metrics.console(self.step, t.steps, values, time.perf_counter() - started,
                                      self.step - start_step)

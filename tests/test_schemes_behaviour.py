@@ -684,3 +684,38 @@ def test_mixln_checkpoint_keys_are_stacked_over_layers(mixln_checkpoint):
     assert tuple(metadata["decoder.layers.gpas.alpha"].size) == (NUM_LAYERS, 1)
     assert not any(k.startswith("decoder.layers.0.") or ".layers.0." in k for k in metadata)
     assert any(k.startswith("optimizer.") for k in layer_keys)  # optimizer states are stacked too
+
+
+# --------------------------------------------------------------------------- layer-input variance
+
+
+def test_layer_input_variance_matches_the_hidden_states(workspace):
+    """The logged per-layer variance is the population variance of every element of each
+    layer's input over the step's micro-batches (checked against tensors captured by
+    independent hooks), and nothing is recorded on steps that are not logged."""
+    trainer = make_trainer(trainer_overrides(workspace, "variance", "train.global_batch_size=4"))
+    try:
+        layers = list(unwrap_model(trainer.model[0]).decoder.layers)
+        captured = {i: [] for i in range(len(layers))}
+        handles = [layer.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: captured[i].append(kwargs["hidden_states"].detach().clone()),
+            with_kwargs=True) for i, layer in enumerate(layers)]
+        iterator = trainer._iterators(trainer.train_ds, 0)
+        trainer.train_step(iterator)  # inactive: records nothing
+        assert torch.equal(trainer.activation_stats.collect(), torch.zeros(len(layers), dtype=torch.float64))
+        for store in captured.values():
+            store.clear()
+        trainer.activation_stats.active = True
+        trainer.train_step(iterator)
+        trainer.activation_stats.active = False
+        measured = trainer.activation_stats.collect()
+        for handle in handles:
+            handle.remove()
+        assert all(len(store) == 2 for store in captured.values())  # two micro-batches
+        expected = torch.tensor([torch.cat([t.double().flatten() for t in captured[i]]).var(unbiased=False)
+                                 for i in range(len(layers))], dtype=torch.float64)
+        torch.testing.assert_close(measured, expected, rtol=1e-9, atol=0)
+        # layer 1's input is the embedding output: N(0, 2/5) at init
+        assert abs(float(measured[0]) - 0.4) < 0.05
+    finally:
+        trainer.close(keep_process_group=True)
