@@ -10,7 +10,8 @@ Steps (each one skipped when its output is already there):
   2. tokenize demo_assets/corpus.jsonl into demo_assets/data/shakespeare_text_document.{bin,idx}
      (tools/preprocess_data.py, 2 workers);
   3. pretrain with examples/demo_pre_gpas.yaml (python -m megatron_gpas.pretrain), logging to
-     --out (TensorBoard events, metrics.jsonl, loss.png, gates.png, train.log) and checkpointing to
+     --out (TensorBoard events, metrics.jsonl, loss.png, gates.png,
+     activation_variance.png, train.log) and checkpointing to
      --out/checkpoints. precision=auto: BF16 on a GPU, fp32 on CPU;
   4. print where everything went and the loss numbers, and fail (exit 1) unless the final training
      loss is at least --min-drop nats below the first one.
@@ -276,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     _say(f"  metrics          {out / 'metrics.jsonl'}")
     _say(f"  loss curve       {out / 'loss.png'}")
     _say(f"  GPAS gates       {out / 'gates.png'}")
+    _say(f"  layer variance   {out / 'activation_variance.png'}")
     _say(f"  checkpoint       {ckpt_root / latest if latest else '(none written)'}")
     _say(f"  console log      {out / 'train.log'}")
     _say(f"  dataset          {prefix}.{{bin,idx}}   tokenizer {assets / 'tokenizer.model'}")
