@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
@@ -18,8 +19,6 @@ def write_synthetic_dataset(prefix: str, vocab_size: int = 256, num_docs: int = 
         doc = np.resize(base, doc_len)
         noise = rng.random(doc_len) < 0.1
         doc[noise] = rng.integers(0, vocab_size - 1, size=int(noise.sum()))
-        import torch
-
         builder.add_document(torch.from_numpy(np.append(doc, vocab_size - 1).astype(np.int64)), [doc_len + 1])
     builder.finalize(prefix + ".idx")
     return prefix
