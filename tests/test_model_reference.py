@@ -230,10 +230,11 @@ def randomize(model, seed: int, gates=GATE_VALUES) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("gpas.alpha"):
+            if name.endswith("gpas.alpha"):  # a value per layer, or a pair (attention, MLP) per layer
                 layer = int(name.split(".")[2])
-                param.fill_(gates[layer])
-            elif name.endswith("layernorm.weight"):
+                param.copy_(torch.tensor(gates[layer], dtype=param.dtype).flatten()[: param.numel()])
+            elif param.ndim == 1:  # every norm weight (Sandwich's branch norms too)
+                assert name.endswith("norm.weight"), name
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
             elif name == "embedding.word_embeddings.weight":
                 param.copy_(torch.randn(param.shape, generator=g))

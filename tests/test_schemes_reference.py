@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
+    randomize,
     BATCH,
     GRAD_REL_TOL,
     LOGIT_REL_TOL,
@@ -178,20 +179,7 @@ def to_reference(leaves: dict, shape: RefShape) -> dict:
 
 def perturb(model, seed: int, gates=GATES) -> None:
     """Fan-in-scaled linears, every norm weight (branch norms too) 1 ± 0.3, distinct gates."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gpas.alpha"):
-                layer = int(name.split(".")[2])
-                param.copy_(torch.tensor(gates[layer][: param.numel()], dtype=param.dtype))
-            elif param.ndim == 1:
-                assert name.endswith("norm.weight"), name
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
-            elif name == "embedding.word_embeddings.weight":
-                param.copy_(torch.randn(param.shape, generator=g))
-            else:
-                assert param.ndim == 2, name
-                param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[1]))
+    randomize(model, seed, gates)
 
 
 def case_overrides(spec: SchemeSpec) -> list[str]:
