@@ -5,6 +5,7 @@ Layout of ``checkpoint.save``::
     latest                  name of the newest *complete* checkpoint (atomic replace)
     iter_0000200/           a dist-checkpoint: model, optimizer, scheduler, train state, RNG
         run_config.yaml     the full config of the run that wrote it
+        tokenizer/          a copy of the run's tokenizer file(s) + tokenizer.yaml (for exports)
     iter_0000400.partial/   a save in progress (or one that was interrupted)
 
 A save is written into ``iter_N.partial`` and renamed only after every rank has
@@ -15,6 +16,7 @@ tensors, so a checkpoint loads under any TP/PP/VP/DP layout (resharding on load)
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -31,7 +33,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
 from megatron_gpas import cpu_runtime
-from megatron_gpas.config import Config, save_config
+from megatron_gpas.config import Config, ConfigError, check_vocab_padding, save_config
+from megatron_gpas.hf.tokenizer_export import copy_into_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +47,10 @@ def architecture(config: dict) -> dict:
     (defaults resolved; options that do not apply dropped)."""
     m, n, g = config["model"], config["norm"], config["gpas"]
     arch = {f"model.{key}": m.get(key) for key in (
-        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
-        "ffn_hidden_size", "vocab_size", "rope_base")}
+        "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "rope_base")}
+    heads = m.get("num_attention_heads")
+    arch["model.num_query_groups"] = m.get("num_query_groups") or heads  # None means one group per head
+    arch["model.kv_channels"] = m.get("kv_channels") or m.get("hidden_size") // heads
     arch["norm.scheme"], arch["norm.eps"] = n.get("scheme"), n.get("eps")
     if n.get("scheme") == "mixln":
         k = n.get("mixln_post_layers")
@@ -167,6 +172,7 @@ def save(cfg: Config, root: str, step: int, model_chunks, optimizer, scheduler, 
     dist.barrier()
     if rank0:
         save_config(cfg, os.path.join(partial, RUN_CONFIG))
+        copy_into_checkpoint(dataclasses.asdict(cfg.data.tokenizer), partial)  # exports need no outside files
         if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in place
             os.replace(final, final + ".replaced")
         os.replace(partial, final)
@@ -185,12 +191,17 @@ def check_compatible(cfg: Config, path: str) -> None:
     if not os.path.isfile(config_file):
         return
     with open(config_file) as f:
-        saved = architecture(yaml.safe_load(f))
+        saved_tree = yaml.safe_load(f)
+    saved = architecture(saved_tree)
     current = architecture(cfg.to_dict())
     diffs = [f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}"
              for key in sorted(set(saved) & set(current)) if saved[key] != current[key]]
     if diffs:
         raise CheckpointError(f"checkpoint {path} does not match this run's model:\n  " + "\n  ".join(diffs))
+    try:  # a differently padded embedding would load its overlapping rows silently
+        check_vocab_padding(cfg, saved_tree)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: {e}") from e
 
 
 def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict:
@@ -208,6 +219,12 @@ def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_opt
     )
     same_layout = True
     common = dist_checkpointing.load_common_state_dict(path)
+    if load_optimizer and optimizer is not None and "optimizer" not in common:
+        raise CheckpointError(
+            f"checkpoint {path} holds weights only (e.g. written by tools/convert_from_hf.py), no optimizer "
+            "state to resume: start from it with checkpoint.load_optimizer=false, or fine-tune with "
+            "checkpoint.pretrained"
+        )
     if list(common.get("layout", [])) != template["layout"]:
         same_layout = False
         del template["rng_state"]  # per-rank streams of another layout: start fresh ones

@@ -8,6 +8,7 @@ seconds with a message that names the offending key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
+
+from megatron_gpas.tokenizer import TOKENIZER_KINDS
 
 
 class ConfigError(ValueError):
@@ -62,7 +65,9 @@ class GPASConfig:
     position: str = "after_sublayer"  # | before_sublayer | after_norm | after_branch (pre-norm hosts)
     stop_gradient: bool = True  # false: plain (1 − act(α))·x, the paper's "w/o sg" ablation
     per_sublayer: bool = False  # one gate per sub-layer instead of one per layer
-    freeze: bool = False  # gates keep their values: no gradient, no optimizer state, not clipped
+    # gates keep their values: no gradient, no optimizer state, not clipped. Off for pretraining;
+    # python -m megatron_gpas.finetune defaults it to true (the paper fine-tunes with frozen gates)
+    freeze: bool = False
     fixed_values: str | None = None  # gate values per layer: YAML/JSON list file or a checkpoint dir
     allow_dead_gate: bool = False  # permit relu with init <= 0 (ReLU'(0) = 0: the gate never moves)
     clip_grad: float = 0.0  # joint L2 clip over all gates after the global clip; 0 = off
@@ -108,9 +113,12 @@ class OptimConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: str = "auto"  # auto | sentencepiece | huggingface | null
-    path: str | None = None
+    kind: str = "auto"  # auto | sentencepiece | huggingface | gpt2 | tiktoken | null (megatron_gpas/tokenizer.py)
+    path: str | None = None  # tokenizer file (gpt2: vocab.json/encoder.json or their directory)
     vocab_size: int | None = None  # only for kind=null
+    eod_token: str | None = None  # end-of-document token, when the tokenizer's own cannot be found
+    merges_path: str | None = None  # gpt2 only: merges.txt/vocab.bpe (default: next to the vocabulary)
+    pattern: str | None = None  # tiktoken only: cl100k (default), o200k, gpt2 or a regex
 
 
 @dataclass
@@ -133,6 +141,37 @@ class CheckpointConfig:
     load_optimizer: bool = True
     save_interval: int = 0  # 0 = only at the end
     save_at_end: bool = True
+    # Start from this checkpoint's weights (a checkpoint directory or a save root; fresh
+    # optimizer, step 0), e.g. a pretraining run for fine-tuning. A checkpoint under `load`
+    # wins: that is the run's own, resumed normally.
+    pretrained: str | None = None
+
+
+# How sft.chat_template renders one chat turn per role; {content} marks the message text.
+CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_CHAT_TEMPLATE = {role: f"{role}: {{content}}\n" for role in CHAT_ROLES}
+
+
+@dataclass
+class SFTConfig:
+    """Instruction data for ``python -m megatron_gpas.finetune`` (docs/finetune.md)."""
+
+    train_files: list[str] = field(default_factory=list)  # JSONL files of examples
+    valid_files: list[str] = field(default_factory=list)  # separate validation JSONL files, or ...
+    valid_fraction: float = 0.0  # ... hold out this share of the training examples (0 = none)
+    format: str = "auto"  # auto (decided per record) | prompt_response | chat
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str = "messages"  # chat: [{"role": "system"|"user"|"assistant", "content": str}, ...]
+    chat_template: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_CHAT_TEMPLATE))  # per role
+    packing: bool = True  # true: several whole examples per sequence; false: one per sequence, padded
+    overlong: str = "truncate"  # examples longer than a sequence: truncate | skip
+    strict: bool = False  # stop at the first malformed record (file:line) instead of skipping it
+    shuffle: bool = True  # shuffle the training examples and, every epoch, the order of the sequences
+
+    def __post_init__(self):
+        # a partial chat_template (e.g. one override) keeps the default turns of the other roles
+        self.chat_template = {**DEFAULT_CHAT_TEMPLATE, **self.chat_template}
 
 
 @dataclass
@@ -154,6 +193,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -210,6 +250,10 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, list):
             value = [value]
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' must be a mapping, got {value!r}")
+        return {k: _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -269,6 +313,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (optional), apply dotted overrides, expand the preset, validate the shape."""
+    return config_from_tree(load_tree(path, overrides))
+
+
+def load_tree(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The raw config tree: the YAML file (optional) with the dotted overrides applied."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -279,9 +328,50 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for text in overrides or []:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
+    return tree
+
+
+def config_from_tree(tree: dict) -> Config:
+    """Typed config of a raw tree, with the preset expanded (keys the tree gives win)."""
     cfg = _build(Config, tree)
     apply_preset(cfg, explicit=set((tree.get("model") or {}).keys()))
     return cfg
+
+
+# Keys a run started from a checkpoint (fine-tuning, evaluation) does not take from the
+# checkpoint's run_config.yaml: the preset (its values are saved expanded), the gate's
+# training options (the new run's choice), and fixed gate values (the gates are in the weights).
+NOT_INHERITED = {"model": ("preset",), "gpas": ("freeze", "clip_grad", "fixed_values")}
+
+
+def inherit_architecture(tree: dict, saved: dict) -> dict:
+    """``tree`` with the network (model, norm, gpas) and data.tokenizer filled in from a
+    checkpoint's saved config (run_config.yaml) wherever the tree does not give them.
+
+    Keys the tree gives win, including the shape keys of a preset it names; a value that
+    then conflicts with the checkpoint is refused by ``checkpoint.check_compatible``.
+    """
+    tree = copy.deepcopy(tree)
+    sections = {"model": ModelConfig, "norm": NormConfig, "gpas": GPASConfig}
+    for name, section_cls in sections.items():
+        given = tree.get(name) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"config section '{name}' must be a mapping, got {given!r}")
+        explicit = set(given)
+        if name == "model" and given.get("preset") in PRESETS:
+            explicit |= set(PRESETS[given["preset"]])
+        known = {f.name for f in fields(section_cls)}
+        for key, value in (saved.get(name) or {}).items():
+            if key in known and key not in explicit and key not in NOT_INHERITED.get(name, ()):
+                given[key] = value
+        tree[name] = given
+    data = tree.get("data") or {}
+    if not data.get("tokenizer"):  # the tokenizer is taken whole or not at all
+        known = {f.name for f in fields(TokenizerConfig)}
+        saved_tokenizer = (saved.get("data") or {}).get("tokenizer") or {}
+        data["tokenizer"] = {k: v for k, v in saved_tokenizer.items() if k in known}
+    tree["data"] = data
+    return tree
 
 
 def apply_preset(cfg: Config, explicit: set[str] = frozenset()) -> None:
@@ -326,8 +416,9 @@ def padded_vocab_size(m: ModelConfig, tensor_parallel: int) -> int:
 # --------------------------------------------------------------------------- validation
 
 
-def validate(cfg: Config, world_size: int | None = None, check_files: bool = True) -> None:
-    """Raise ConfigError with a specific message for the first problem found."""
+def validate(cfg: Config, world_size: int | None = None, check_files: bool = True, require_data: bool = True) -> None:
+    """Raise ConfigError with a specific message for the first problem found.
+    ``require_data=False``: the run reads no training data (e.g. a checkpoint import)."""
     from megatron_gpas.model.gpas import ACTIVATIONS
     from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES
 
@@ -454,7 +545,12 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
 
     # data
     d = cfg.data
-    need(len(d.paths) > 0, "data.paths is empty: give at least one indexed-dataset prefix (PREFIX.bin/.idx)")
+    if cfg.sft.train_files or cfg.sft.valid_files:
+        need(not d.paths, "data.paths (pretraining data) and sft.train_files (fine-tuning data) are both set; "
+                          "a run reads one of them")
+        _validate_sft(cfg, check_files)
+    else:
+        need(len(d.paths) > 0 or not require_data, "data.paths is empty: give at least one indexed-dataset prefix (PREFIX.bin/.idx)")
     if d.weights is not None:
         need(len(d.weights) == len(d.paths),
              f"data.weights has {len(d.weights)} entries but data.paths has {len(d.paths)}")
@@ -464,11 +560,81 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
         need(len(split) == 3 and all(x >= 0 for x in split) and split[0] > 0, "")
     except (ValueError, ConfigError):
         raise ConfigError(f"data.split must be three non-negative numbers like '98,1,1', got '{d.split}'")
+    need(d.tokenizer.kind in TOKENIZER_KINDS,
+         f"unknown data.tokenizer.kind {d.tokenizer.kind!r}; valid kinds: {', '.join(TOKENIZER_KINDS)}")
     if check_files:
         for prefix in d.paths:
             for suffix in (".bin", ".idx"):
                 need(os.path.isfile(prefix + suffix),
                      f"data file not found: {prefix + suffix} (data.paths entry '{prefix}')")
         if d.tokenizer.kind != "null":
-            need(d.tokenizer.path is not None and os.path.isfile(d.tokenizer.path),
+            # gpt2 and auto also take a directory holding the tokenizer files
+            need(d.tokenizer.path is not None and os.path.exists(d.tokenizer.path),
                  f"tokenizer file not found: data.tokenizer.path = {d.tokenizer.path!r}")
+        if d.tokenizer.merges_path is not None:
+            need(os.path.isfile(d.tokenizer.merges_path),
+                 f"tokenizer merges file not found: data.tokenizer.merges_path = {d.tokenizer.merges_path!r}")
+
+    # checkpoint
+    if cfg.checkpoint.pretrained is not None and check_files:
+        pretrained_checkpoint(cfg.checkpoint.pretrained)
+
+
+def check_vocab_padding(cfg: Config, saved: dict) -> None:
+    """Refuse weights whose embedding and output layer have another number of rows than this
+    run's: the vocabulary is padded to a multiple of make_vocab_size_divisible_by × TP, and
+    dist-checkpointing would load the overlapping rows of a differently padded tensor silently."""
+    known = {f.name for f in fields(ModelConfig)}
+    saved_model = ModelConfig(**{k: v for k, v in (saved.get("model") or {}).items() if k in known})
+    saved_tp = (saved.get("parallel") or {}).get("tensor", 1)
+    rows, here, tp = padded_vocab_size(saved_model, saved_tp), padded_vocab_size(cfg.model, cfg.parallel.tensor), \
+        cfg.parallel.tensor
+    if rows != here:
+        hint = f", e.g. model.make_vocab_size_divisible_by={rows // tp}" if rows % tp == 0 else ""
+        raise ConfigError(
+            f"the checkpoint's embedding has {rows} rows (model.vocab_size {saved_model.vocab_size} padded at "
+            f"parallel.tensor={saved_tp}) but this run pads it to {here} (model.make_vocab_size_divisible_by "
+            f"{cfg.model.make_vocab_size_divisible_by} × parallel.tensor {tp}); make them agree{hint}")
+
+
+def pretrained_checkpoint(root: str, what: str = "checkpoint.pretrained") -> str:
+    """The complete checkpoint directory that ``root`` names (itself, or the newest under a
+    save root); ConfigError naming ``what`` if there is none."""
+    from megatron_gpas.checkpoint import CheckpointError, find_latest
+
+    if not os.path.isdir(root):
+        raise ConfigError(f"{what} not found: {root} is not a directory")
+    try:
+        path = find_latest(root)
+    except CheckpointError as e:
+        raise ConfigError(f"{what}: {e}") from e
+    if path is None:
+        raise ConfigError(f"{what}: {root} holds no complete checkpoint "
+                          "(a dist-checkpoint directory with metadata.json, or a save root with iter_N/ in it)")
+    return path
+
+
+def _validate_sft(cfg: Config, check_files: bool) -> None:
+    s = cfg.sft
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(len(s.train_files) > 0, "sft.valid_files is set but sft.train_files is empty")
+    need(s.format in ("auto", "prompt_response", "chat"),
+         f"sft.format must be auto, prompt_response or chat, got '{s.format}'")
+    need(s.overlong in ("truncate", "skip"), f"sft.overlong must be truncate or skip, got '{s.overlong}'")
+    need(0 <= s.valid_fraction < 1, f"sft.valid_fraction must be in [0, 1), got {s.valid_fraction}")
+    need(not (s.valid_files and s.valid_fraction > 0),
+         "sft.valid_files and sft.valid_fraction are both set; validate on one of them")
+    for key in ("prompt_key", "response_key", "messages_key"):
+        need(bool(getattr(s, key)), f"sft.{key} must not be empty")
+    for role, template in s.chat_template.items():
+        need(role in CHAT_ROLES, f"sft.chat_template: unknown role '{role}'. Roles: {', '.join(CHAT_ROLES)}")
+        need(template.count("{content}") == 1,
+             f"sft.chat_template.{role} must contain '{{content}}' exactly once, got {template!r}")
+    if check_files:
+        for key in ("train_files", "valid_files"):
+            for path in getattr(s, key):
+                need(os.path.isfile(path), f"sft.{key} entry not found: {path}")

@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,8 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed
 from megatron_gpas.activation_stats import LayerInputVariance
-from megatron_gpas.config import Config, data_parallel_size, padded_vocab_size, validate
+from megatron_gpas.config import (Config, ConfigError, data_parallel_size, padded_vocab_size, pretrained_checkpoint,
+                                   validate)
 from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset, check_split
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
@@ -37,11 +39,16 @@ log = logging.getLogger(__name__)
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Mean loss over this micro-batch's unmasked tokens; also report (sum, count)."""
+    """(summed loss, count) over this micro-batch's unmasked tokens, plus both for reporting.
+
+    Megatron's schedule turns this into the micro-batch mean (divided by the number of
+    micro-batches), or, with ``calculate_per_token_loss``, divides the gradients by the
+    global batch's count: every unmasked token then weighs the same.
+    """
     mask = loss_mask.reshape(-1).float()
     loss_sum = (per_token_loss.reshape(-1).float() * mask).sum()
     count = mask.sum()
-    return loss_sum / count.clamp(min=1), {"lm loss": torch.stack([loss_sum.detach(), count])}
+    return loss_sum, count.to(torch.int), {"lm loss": torch.stack([loss_sum.detach(), count])}
 
 
 def _forward_step(device, data_iterator, model):
@@ -53,21 +60,43 @@ def _forward_step(device, data_iterator, model):
     return per_token_loss, functools.partial(_loss_func, batch["loss_mask"].to(device))
 
 
+def load_run_tokenizer(cfg: Config):
+    """The run's tokenizer (data.tokenizer), checked against the model's vocabulary."""
+    tokenizer = tokenizer_from_config(cfg.data.tokenizer.__dict__)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}: the embedding must cover every token id"
+        )
+    return tokenizer
+
+
+# (trainer) -> (train dataset, validation dataset or None): datasets the caller supplies
+# instead of the indexed-dataset blend of data.paths (fine-tuning, evaluation)
+DataBuilder = Callable[["Trainer"], tuple]
+
+
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, data_builder: DataBuilder | None = None, per_token_loss: bool = False):
+        """``data_builder``: supplies the datasets (samples as GPTDataset's: tokens, labels,
+        loss_mask, position_ids); it is called once the process groups exist.
+        ``per_token_loss``: weigh every unmasked token of a global batch the same (Megatron's
+        calculate_per_token_loss) rather than every micro-batch; for data whose micro-batches
+        hold different numbers of loss tokens (fine-tuning)."""
         # Everything that can be wrong with the request fails here, before process groups.
         validate(cfg)
-        self.tokenizer = tokenizer_from_config(cfg.data.tokenizer.__dict__)
-        if self.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size is "
-                f"{cfg.model.vocab_size}: the embedding must cover every token id"
-            )
-        for prefix in cfg.data.paths:
-            check_indexed_dataset(prefix)
-        check_split(cfg.data.paths, cfg.data.split)
+        self.tokenizer = load_run_tokenizer(cfg)
+        if data_builder is None:
+            if cfg.sft.train_files:
+                raise ConfigError("this config holds fine-tuning data (sft.train_files): run it with "
+                                  "python -m megatron_gpas.finetune")
+            for prefix in cfg.data.paths:
+                check_indexed_dataset(prefix)
+            check_split(cfg.data.paths, cfg.data.split)
 
         self.cfg = cfg
+        self.data_builder = data_builder
+        self.per_token_loss = per_token_loss
         self.device = distributed.init_distributed(cfg)
         try:
             self._setup()
@@ -85,6 +114,7 @@ class Trainer:
         self.rank0 = dist.get_rank() == 0
 
         self.model_config = transformer_config(cfg, bf16=self.bf16, on_cpu=self.on_cpu)
+        self.model_config.calculate_per_token_loss = self.per_token_loss  # read by DDP and the schedules
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
         self.activation_stats = LayerInputVariance(self.model, cfg.model.num_layers, cfg.parallel.sequence_parallel,
@@ -101,9 +131,12 @@ class Trainer:
         self._warned_no_valid = False
         self._maybe_resume()
 
-        cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.dir, "data_cache")
-        self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer.eod_id, self.tokenizer.vocab_size,
-                                                         cache_dir)
+        if self.data_builder is not None:
+            self.train_ds, self.valid_ds = self.data_builder(self)
+        else:
+            cache_dir = cfg.data.cache_dir or os.path.join(cfg.logging.dir, "data_cache")
+            self.train_ds, self.valid_ds, _ = build_datasets(cfg, self.tokenizer.eod_id, self.tokenizer.vocab_size,
+                                                             cache_dir)
         self._log_setup()
 
     # ------------------------------------------------------------------ setup
@@ -138,10 +171,17 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
 
     def _maybe_resume(self):
-        root = self.cfg.checkpoint.load
+        root, pretrained = self.cfg.checkpoint.load, self.cfg.checkpoint.pretrained
+        path = checkpoint.find_latest(root) if root else None
+        if path is None and pretrained:  # the run has no checkpoint of its own yet
+            path = pretrained_checkpoint(pretrained)
+            checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=False)
+            if self.rank0:
+                print(f"[checkpoint] initialised weights from checkpoint.pretrained {path}; starting at step 0 "
+                      "with a fresh optimizer", flush=True)
+            return
         if not root:
             return
-        path = checkpoint.find_latest(root)
         if path is None:
             if self.rank0:
                 print(f"[checkpoint] no checkpoint under {root}; starting from scratch", flush=True)
@@ -195,8 +235,8 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_loss(self, losses: list[dict]) -> float:
-        """Token-weighted mean loss of a global batch, known on every rank."""
+    def _loss_totals(self, losses: list[dict]) -> torch.Tensor:
+        """(summed loss, unmasked tokens) of a global batch, float64, known on every rank."""
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             for item in losses:
@@ -204,6 +244,11 @@ class Trainer:
         # Sum over DP (token-weighted) and over PP (only the last stage contributes).
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
+        return totals
+
+    def _reduce_loss(self, losses: list[dict]) -> float:
+        """Token-weighted mean loss of a global batch, known on every rank."""
+        totals = self._loss_totals(losses)
         return float(totals[0] / totals[1].clamp(min=1))
 
     def train_step(self, data_iterator) -> dict[str, float]:
@@ -228,19 +273,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Token-mean loss over the first ``train.eval_iters`` global batches of the validation
+        set (fewer if it is shorter)."""
         if self.valid_ds is None:
             return None
+        num_batches = min(self.cfg.train.eval_iters, len(self.valid_ds) // self.cfg.train.global_batch_size)
+        loss_sum, tokens = self.evaluate_dataset(self.valid_ds, num_batches)
+        return loss_sum / max(tokens, 1)
+
+    @torch.no_grad()
+    def evaluate_dataset(self, dataset, num_batches: int) -> tuple[float, int]:
+        """(summed loss, number of unmasked tokens) over the first ``num_batches`` global batches
+        of ``dataset``, forward only, with the training schedule; known on every rank."""
         for chunk in self.model:
             chunk.eval()
-        iterator = self._iterators(self.valid_ds, 0)
-        total, count = 0.0, 0
-        for _ in range(self.cfg.train.eval_iters):
-            losses = self._run_schedule(iterator, forward_only=True)
-            total += self._reduce_loss(losses)
-            count += 1
+        iterator = self._iterators(dataset, 0)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for _ in range(num_batches):
+            totals += self._loss_totals(self._run_schedule(iterator, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        return total / max(count, 1)
+        return float(totals[0]), int(totals[1])
 
     def gate_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(α, 1 − act(α)) per global layer ([L, 1], or [L, 2] with one gate per sub-layer),
@@ -272,8 +325,9 @@ class Trainer:
         loss = self.evaluate()
         if loss is None:
             if self.rank0 and not self._warned_no_valid:
-                print("[warn] no validation data (the data.split gives the validation split no documents); "
-                      "evaluation is skipped", flush=True)
+                hint = ("set sft.valid_files or sft.valid_fraction" if self.cfg.sft.train_files
+                        else "the data.split gives the validation split no documents")
+                print(f"[warn] no validation data ({hint}); evaluation is skipped", flush=True)
             self._warned_no_valid = True
             return
         self.last_eval_loss = loss

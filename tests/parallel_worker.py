@@ -15,6 +15,7 @@ Kinds:
   expect_error build a Trainer and record the exception it raises
   crash_save   simulate a save that dies mid-way and check what a resume picks up
   audit        build a Trainer (no training) and record the sequence-parallel audit and layer structure
+  import_hf    import a Hugging Face directory as a checkpoint (tools/convert_from_hf.py's path)
 
 Options of ``train`` cases (tests/test_parallel_schemes.py): ``checksums`` adds per-step
 parameter checksums to the records (and the post-load ones as ``start_checksums``);
@@ -177,12 +178,40 @@ def run_dataset(case: dict) -> dict:
 
 
 def run_save_init(case: dict) -> dict:
+    """Save the step-0 checkpoint; options (1 process): ``randomize`` {seed, gates} puts the weights
+    in a regime where every parameter matters (test_model_reference.randomize) before saving;
+    ``probe`` {tokens, greedy_prompt, greedy_steps, out} saves the model's logits on ``tokens``
+    and its greedy continuation of ``greedy_prompt`` (no KV cache) to ``out`` (torch.save)."""
     trainer = Trainer(load_config(None, case["overrides"]))
     try:
+        if "randomize" in case:
+            from megatron.core.utils import unwrap_model
+            from test_model_reference import randomize
+
+            randomize(unwrap_model(trainer.model[0]), case["randomize"]["seed"], case["randomize"]["gates"])
         trainer.save_checkpoint()
+        if "probe" in case:
+            torch.save(_probe(trainer, case["probe"]), case["probe"]["out"])
         return {"step": trainer.step, "latest": checkpoint.find_latest(trainer.cfg.checkpoint.save)}
     finally:
         trainer.close(keep_process_group=True)
+
+
+@torch.no_grad()
+def _probe(trainer: Trainer, probe: dict) -> dict:
+    from megatron.core.utils import unwrap_model
+
+    model = unwrap_model(trainer.model[0]).eval()
+    vocab = trainer.cfg.model.vocab_size  # the padded columns are not part of the model's vocabulary
+
+    def logits_of(tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        return model(tokens, positions, None)[..., :vocab]
+
+    sequence = torch.tensor(probe["greedy_prompt"])
+    for _ in range(probe["greedy_steps"]):
+        sequence = torch.cat([sequence, logits_of(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return {"logits": logits_of(torch.tensor(probe["tokens"])), "greedy": sequence}
 
 
 def _build_trainer(case: dict, out: dict) -> Trainer:
@@ -304,8 +333,16 @@ def run_crash_save(case: dict) -> dict:
     return out
 
 
+def run_import_hf(case: dict) -> dict:
+    """tools/convert_from_hf.py's work under this launch's layout (``overrides``)."""
+    from megatron_gpas.hf.import_hf import import_hf_model
+
+    return {"path": import_hf_model(case["hf_dir"], case["save"], case["overrides"], keep_process_group=True)}
+
+
 KINDS = {"dataset": run_dataset, "save_init": run_save_init, "train": run_train,
-         "expect_error": run_expect_error, "crash_save": run_crash_save, "audit": run_audit}
+         "expect_error": run_expect_error, "crash_save": run_crash_save, "audit": run_audit,
+         "import_hf": run_import_hf}
 
 
 def main(spec_path: str) -> None:

@@ -38,22 +38,77 @@ class DataCorruptError(ValueError):
     pass
 
 
-def check_indexed_dataset(prefix: str) -> IndexedDataset:
-    """Open PREFIX.bin/.idx and check that the index and the token file agree."""
-    try:
-        dataset = IndexedDataset(prefix, mmap=True)
-    except Exception as e:  # a truncated or foreign .idx fails inside Megatron's reader
-        raise DataCorruptError(f"cannot read indexed dataset '{prefix}': {e}") from e
-    if len(dataset) == 0:
+def check_indexed_dataset(prefix: str, allow_empty: bool = False) -> IndexedDataset:
+    """Open PREFIX.bin/.idx and check that they form one intact dataset; return it.
+
+    Shared by training start-up, tools/inspect_data.py and the merge tool. Checks: the .idx
+    header, the .idx size against the counts in its header, sequence lengths >= 0, each
+    sequence pointer = previous pointer + previous length × token size, document
+    boundaries from 0 to the sequence count without going back, and the .bin size against
+    the index. Reads only the index, in blocks (memory independent of the dataset size).
+    """
+    import struct
+
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, DType
+
+    def corrupt(why: str) -> DataCorruptError:
+        return DataCorruptError(f"indexed dataset '{prefix}' is corrupt: {why}")
+
+    for suffix in (".idx", ".bin"):
+        if not os.path.isfile(prefix + suffix):
+            raise DataCorruptError(f"indexed dataset '{prefix}' is incomplete: {prefix}{suffix} does not exist")
+    idx_size = os.path.getsize(prefix + ".idx")
+    with open(prefix + ".idx", "rb") as f:
+        header = f.read(34)  # magic (9), version (8), dtype code (1), sequence count (8), document count (8)
+    if len(header) < 34 or header[:9] != _INDEX_HEADER:
+        raise corrupt(f"{prefix}.idx is not a Megatron index file (bad or short header)")
+    version, code, num_sequences, num_doc_indices = struct.unpack("<QBQQ", header[9:34])
+    if version != 1 or code not in {d.value for d in DType}:
+        raise corrupt(f"{prefix}.idx has version {version} and dtype code {code}; expected version 1 and a "
+                      f"known dtype")
+    expected_idx = 34 + num_sequences * (4 + 8) + num_doc_indices * 8
+    if idx_size != expected_idx:
+        raise corrupt(f"its header announces {num_sequences} sequences and {num_doc_indices - 1} documents "
+                      f"({expected_idx} bytes) but {prefix}.idx has {idx_size} bytes")
+    if num_sequences == 0 and not allow_empty:
         raise DataCorruptError(f"indexed dataset '{prefix}' has no sequences")
+    try:
+        # (an empty .bin cannot be memory-mapped)
+        dataset = IndexedDataset(prefix, mmap=os.path.getsize(prefix + ".bin") > 0)
+    except Exception as e:  # anything else Megatron's reader refuses
+        raise DataCorruptError(f"cannot read indexed dataset '{prefix}': {e!r}") from e
+
     index = dataset.index
-    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    lengths, pointers, docs = index.sequence_lengths, index.sequence_pointers, index.document_indices
+    itemsize = index.dtype_size
+    block = 1 << 22
+    for start in range(0, len(lengths), block):
+        end = min(start + block, len(lengths))
+        bad = np.flatnonzero(lengths[start:end] < 0)
+        if bad.size:
+            raise corrupt(f"sequence {start + bad[0]} has length {lengths[start + bad[0]]}")
+        # pointers[i + 1] - pointers[i] must be lengths[i] * itemsize, for i in [start, end - 1)
+        steps = np.diff(pointers[start:end + 1 if end < len(lengths) else end])
+        bad = np.flatnonzero(steps != lengths[start:start + len(steps)].astype(np.int64) * itemsize)
+        if bad.size:
+            i = start + bad[0]
+            raise corrupt(f"sequence {i + 1} starts at byte {pointers[i + 1]}, but sequence {i} starts at "
+                          f"{pointers[i]} with {lengths[i]} tokens of {itemsize} bytes")
+    if len(lengths) and pointers[0] != 0:
+        raise corrupt(f"the first sequence starts at byte {pointers[0]}, not 0")
+    if docs[0] != 0 or docs[-1] != len(lengths):
+        raise corrupt(f"document boundaries run from {docs[0]} to {docs[-1]}, not from 0 to {len(lengths)}")
+    for start in range(0, len(docs), block):
+        bad = np.flatnonzero(np.diff(docs[start:start + block + 1]) < 0)
+        if bad.size:
+            raise corrupt(f"document boundary {start + bad[0] + 1} ({docs[start + bad[0] + 1]}) is before the "
+                          f"previous one ({docs[start + bad[0]]})")
+
+    expected = int(pointers[-1]) + int(lengths[-1]) * itemsize if len(lengths) else 0
     actual = os.path.getsize(prefix + ".bin")
     if expected != actual:
-        raise DataCorruptError(
-            f"indexed dataset '{prefix}' is corrupt: the index describes {expected} bytes of tokens but "
-            f"{prefix}.bin has {actual} bytes"
-        )
+        raise corrupt(f"the index describes {expected} bytes of tokens but {prefix}.bin has {actual} bytes")
     return dataset
 
 
@@ -79,12 +134,19 @@ def check_split(prefixes: list[str], split: str) -> None:
                 )
 
 
-def build_datasets(cfg: Config, eod_id: int, vocab_size: int, cache_dir: str):
-    """(train, valid, test) GPTDatasets sized for the whole run."""
+def build_datasets(cfg: Config, eod_id: int, vocab_size: int, cache_dir: str | None,
+                   num_samples: list[int | None] | None = None):
+    """(train, valid, test) GPTDatasets sized for the whole run.
+
+    ``num_samples``: samples per split instead (None for a split: one epoch of it).
+    ``cache_dir`` None: no index cache; every rank builds the indices in memory.
+    """
     t = cfg.train
     # Every evaluation reads the same first `eval_iters` validation batches, so eval
     # losses at different steps are comparable.
-    num_samples = [t.steps * t.global_batch_size, t.eval_iters * t.global_batch_size, t.eval_iters * t.global_batch_size]
+    if num_samples is None:
+        num_samples = [t.steps * t.global_batch_size, t.eval_iters * t.global_batch_size,
+                       t.eval_iters * t.global_batch_size]
     dataset_config = GPTDatasetConfig(
         random_seed=t.seed,
         sequence_length=t.seq_length,
@@ -106,13 +168,33 @@ def build_datasets(cfg: Config, eod_id: int, vocab_size: int, cache_dir: str):
 
     datasets = None
     if rank0:
-        os.makedirs(cache_dir, exist_ok=True)
+        if cache_dir is not None:
+            os.makedirs(cache_dir, exist_ok=True)
         datasets = build()
     if dist.is_initialized():
         dist.barrier()
     if not rank0:
         datasets = build()
     return datasets
+
+
+class PadToLength(torch.utils.data.Dataset):
+    """``dataset`` followed by fully masked samples up to ``length`` (a whole number of global
+    batches), so an evaluation covers every sample and the padding counts for nothing."""
+
+    def __init__(self, dataset, length: int):
+        assert length >= len(dataset) > 0
+        self.dataset, self.length = dataset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, idx: int) -> dict:
+        if idx < len(self.dataset):
+            return self.dataset[idx]
+        sample = dict(self.dataset[0])
+        sample["loss_mask"] = torch.zeros_like(sample["loss_mask"])
+        return sample
 
 
 def _collate(samples):

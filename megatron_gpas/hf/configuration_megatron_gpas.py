@@ -1,0 +1,24 @@
+"""Hugging Face configuration of a megatron_gpas model (shipped inside exported model directories).
+
+A Llama configuration plus the normalization scheme and GPAS options of the run. This file
+and ``modeling_megatron_gpas.py`` depend only on torch and transformers (≥ 5), so an exported
+directory loads with ``trust_remote_code=True`` on a machine without megatron_gpas.
+"""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+
+class MegatronGPASConfig(LlamaConfig):
+    model_type = "megatron_gpas"
+
+    norm_scheme: str = "pre"  # pre | post | deepnorm | sandwich | mixln | lns
+    mixln_post_layers: int = 0  # Mix-LN: layers 1..k are Post-LN
+    lns_mode: str = "init"  # LNS: "fixed" multiplies each norm's output by 1/√l
+    gpas: bool = False
+    gpas_activation: str = "silu"  # silu | identity | tanh | relu | leaky_relu | scaled_silu
+    gpas_silu_beta: float = 8.0
+    gpas_position: str = "after_sublayer"  # pre-norm hosts: before_sublayer | after_norm | after_branch
+    gpas_per_sublayer: bool = False
+    gpas_stop_gradient: bool = True

@@ -1,0 +1,99 @@
+"""Folding GPAS gates and LNS factors into a stock Llama (methods.md §10).
+
+A pre-norm sub-layer k of our models computes, with its gate factor β = 1 − act(α) placed
+by ``gpas.position`` and LNS' fixed factor c = 1/√l,
+
+    x_{k+1} = post_k · ( pre_k·x_k + branch_k · f_k( norm_k · RMSNorm(pre_k·x_k) ) )
+
+where exactly one of pre/norm/branch/post holds β (before_sublayer / after_norm /
+after_branch / after_sublayer) and norm_k also holds c. Write x_k = P_k·g_k. RMSNorm is
+scale-invariant for P > 0 (up to ε: RMSNorm(P·g) uses ε/P²), so with P ← P·pre_k,
+
+    g_{k+1} = g_k + (branch_k / P) · f_k( norm_k · RMSNorm(g_k) ),   then P ← P·post_k
+
+i.e. a stock Llama on g whose norm weight is multiplied by norm_k and whose output
+projection (o_proj / down_proj) by branch_k/P. The final RMSNorm absorbs the last P. The fold
+is invalid if any P reaching a norm is ≤ 0 (RMSNorm flips sign; SwiGLU is not odd).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from megatron_gpas.hf.modeling_megatron_gpas import gate_activation
+
+# (norm weight, output projection) of each sub-layer in HF names.
+SUBLAYERS = (("input_layernorm.weight", "self_attn.o_proj.weight"),
+             ("post_attention_layernorm.weight", "mlp.down_proj.weight"))
+FACTOR_OF_POSITION = {"before_sublayer": "pre", "after_norm": "norm", "after_branch": "branch",
+                      "after_sublayer": "post"}
+
+
+class FoldError(ValueError):
+    """The model has no exact stock-Llama form (e.g. a cumulative scale ≤ 0)."""
+
+
+@dataclass
+class FoldPlan:
+    """Per layer and sub-layer: the norm-weight and output-projection multipliers."""
+
+    norm_factors: list[tuple[float, float]]
+    proj_factors: list[tuple[float, float]]
+    cumulative_scales: list[float]  # P seen by every norm, in order (2 per layer + the final norm)
+
+    @property
+    def min_scale(self) -> float:
+        return min(self.cumulative_scales)
+
+
+def gate_factors(alpha: torch.Tensor, activation: str, silu_beta: float) -> tuple[float, float]:
+    """β = 1 − act(α) for the attention and MLP sub-layers (one shared gate or one each)."""
+    values = [1.0 - float(gate_activation(activation, a.double(), silu_beta)) for a in alpha.reshape(-1)]
+    return (values[0], values[-1])
+
+
+def plan_fold(config, gates: torch.Tensor | None) -> FoldPlan:
+    """The multipliers that turn a pre-norm GPAS/LNS model (HF ``config`` of our class) into a
+    stock Llama; ``gates`` is [L, 1 or 2] (None without GPAS). Raises FoldError if invalid."""
+    num_layers = config.num_hidden_layers
+    fixed_lns = config.norm_scheme == "lns" and config.lns_mode == "fixed"
+    slot = FACTOR_OF_POSITION[config.gpas_position] if config.gpas else None
+    norm_factors, proj_factors, scales = [], [], []
+    scale = 1.0
+    for layer in range(num_layers):
+        betas = gate_factors(gates[layer], config.gpas_activation, config.gpas_silu_beta) if slot else (1.0, 1.0)
+        lns = 1.0 / math.sqrt(layer + 1) if fixed_lns else 1.0
+        norms, projs = [], []
+        for sublayer in range(2):
+            f = {"pre": 1.0, "norm": lns, "branch": 1.0, "post": 1.0}
+            if slot:
+                f[slot] *= betas[sublayer]
+            scale *= f["pre"]
+            scales.append(scale)
+            if scale <= 0:
+                raise FoldError(f"the cumulative GPAS scale reaching layer {layer + 1}'s "
+                                f"{('attention', 'MLP')[sublayer]} norm is {scale:.3g} ≤ 0: "
+                                "RMSNorm would flip its sign, so no stock Llama computes this model")
+            norms.append(f["norm"])
+            projs.append(f["branch"] / scale)
+            scale *= f["post"]
+        norm_factors.append(tuple(norms))
+        proj_factors.append(tuple(projs))
+    scales.append(scale)
+    if scale <= 0:
+        raise FoldError(f"the cumulative GPAS scale reaching the final norm is {scale:.3g} ≤ 0")
+    return FoldPlan(norm_factors, proj_factors, scales)
+
+
+def fold_layer(hf_layer: dict[str, torch.Tensor], plan: FoldPlan, layer: int) -> dict[str, torch.Tensor]:
+    """A layer of our class (HF names) as a stock Llama layer: factors folded, gates dropped."""
+    out = {k: v for k, v in hf_layer.items() if k != "gpas_alpha"}
+    for sublayer, (norm_key, proj_key) in enumerate(SUBLAYERS):
+        for key, factor in ((norm_key, plan.norm_factors[layer][sublayer]),
+                            (proj_key, plan.proj_factors[layer][sublayer])):
+            if factor != 1.0:
+                out[key] = (out[key].double() * factor).to(out[key].dtype)
+    return out
