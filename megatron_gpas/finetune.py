@@ -17,8 +17,6 @@ The pretraining trainer with the same parallelism, logging and checkpoints. What
 
 from __future__ import annotations
 
-import argparse
-import logging
 import os
 import sys
 
@@ -95,24 +93,16 @@ def build_trainer(cfg: Config, source: str | None = None, log=None):
     return Trainer(cfg, data_builder=lambda _: (data.train, data.valid), per_token_loss=True)
 
 
+def _finetune_trainer(config_path, overrides):
+    cfg, source = load_finetune_config(config_path, overrides)
+    return build_trainer(cfg, source, log=print if is_logging_process() else None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_gpas.finetune", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.packing=false optim.lr=1e-5")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg, source = load_finetune_config(args.config, args.overrides)
-        trainer = build_trainer(cfg, source, log=print if is_logging_process() else None)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return 0
+    from megatron_gpas.pretrain import run_cli
+
+    return run_cli(argv, "python -m megatron_gpas.finetune", __doc__, "sft.packing=false optim.lr=1e-5",
+                   _finetune_trainer)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,18 @@ import sys
 from megatron_gpas.config import ConfigError, load_config
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megatron_gpas.pretrain", description=__doc__,
+def run_cli(argv: list[str] | None, prog: str, description: str, overrides_example: str, make_trainer) -> int:
+    """The command line shared by pretraining and fine-tuning: ``--config FILE`` plus dotted
+    overrides; ``make_trainer(config_path, overrides)`` builds the Trainer. Bad input exits
+    with status 2 before any training starts."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=20 gpas.enabled=true")
+    parser.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {overrides_example}")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
-        from megatron_gpas.training import Trainer  # heavy imports only after the config is valid
-
-        trainer = Trainer(cfg)
+        trainer = make_trainer(args.config, args.overrides)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,6 +33,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _pretrain_trainer(config_path, overrides):
+    cfg = load_config(config_path, overrides)
+    from megatron_gpas.training import Trainer  # heavy imports only after the config is valid
+
+    return Trainer(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(argv, "python -m megatron_gpas.pretrain", __doc__, "train.steps=20 gpas.enabled=true",
+                   _pretrain_trainer)
 
 
 if __name__ == "__main__":

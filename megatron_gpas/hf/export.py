@@ -218,19 +218,18 @@ def _export(reader, path, partial, out_dir, target, torch_dtype, fold_tolerance,
     config = custom_config(reader.run_config, bos_token_id=bos, eos_token_id=eos, dtype=torch_dtype)
     fmt, reason, plan, error, tolerance = _decide(reader, config, target, torch_dtype, fold_tolerance)
 
+    # HF order: embedding, layers, final norm, head (one tensor of each read at a time)
+    embedding, *after_layers = GLOBAL_TENSORS.items()
     writer = ShardedSafetensorsWriter(partial, max_shard_bytes)
-    for key, hf_key in GLOBAL_TENSORS.items():
-        if hf_key == "model.embed_tokens.weight":
-            writer.add(hf_key, _global_tensor(reader, key, config, torch_dtype))
+    writer.add(embedding[1], _global_tensor(reader, embedding[0], config, torch_dtype))
     for layer in _progress(range(config.num_hidden_layers), config.num_hidden_layers, "export", progress):
         tensors = _hf_layer(reader, layer, config, torch_dtype)
         if fmt == "llama":
             tensors = folding.fold_layer(tensors, plan, layer) if plan is not None else tensors
         for name, tensor in tensors.items():
             writer.add(hf_layer_prefix(layer) + name, tensor)
-    for key, hf_key in GLOBAL_TENSORS.items():
-        if hf_key != "model.embed_tokens.weight":
-            writer.add(hf_key, _global_tensor(reader, key, config, torch_dtype))
+    for key, hf_key in after_layers:
+        writer.add(hf_key, _global_tensor(reader, key, config, torch_dtype))
     weight_files = writer.close()
 
     if fmt == "llama":

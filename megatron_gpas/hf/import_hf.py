@@ -114,6 +114,7 @@ def run_tree_from_hf(hf_dir: str) -> dict:
             tree["norm"]["lns_mode"] = "init"
         tree["norm"]["scheme"] = "pre" if tree["norm"]["scheme"] != "lns" else "lns"
     tree["_tie_word_embeddings"] = bool(c.get("tie_word_embeddings", False))
+    tree["_model_type"] = model_type
     return tree
 
 
@@ -204,6 +205,7 @@ def import_hf_model(hf_dir: str, save_root: str, overrides: list[str] | None = N
 
     tree = run_tree_from_hf(hf_dir)
     tie = tree.pop("_tie_word_embeddings")
+    tree_model_type = tree.pop("_model_type")
     tree["data"] = {"paths": []}
     found = tokenizer_files(hf_dir)
     staged = os.path.join(save_root, "tokenizer")
@@ -228,9 +230,9 @@ def import_hf_model(hf_dir: str, save_root: str, overrides: list[str] | None = N
         raise HFImportError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                            f"{cfg.model.vocab_size}")
     weights = SafetensorsDirectory(hf_dir)
-    hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False) \
-        if json.load(open(os.path.join(hf_dir, "config.json")))["model_type"] == "llama" else None
-    if hf_config is None:
+    if tree_model_type == "llama":
+        hf_config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
+    else:  # our class, from this package (never the directory's code)
         from megatron_gpas.hf.configuration_megatron_gpas import MegatronGPASConfig
 
         hf_config = MegatronGPASConfig.from_pretrained(hf_dir)
