@@ -11,7 +11,7 @@ import pytest
 from megatron_gpas.data.preprocess import preprocess
 from megatron_gpas.data.readers import expand_inputs
 from megatron_gpas.tokenizer import NullTokenizer
-from test_tokenizer_and_preprocess import read_dataset, read_files, write_jsonl
+from test_tokenizer_and_preprocess import read_dataset, write_jsonl
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),

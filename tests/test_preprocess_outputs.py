@@ -85,7 +85,7 @@ def test_merge_refuses_bad_inputs_before_writing(tmp_path):
         merge_datasets([tmp_path / "small", tmp_path / "large"], out, progress=False)
     with open(tmp_path / "other.bin", "ab") as f:
         f.write(b"\0\0")
-    with pytest.raises(DataCorruptError, match=r"other' is corrupt: the index describes 8 bytes of tokens but .*other.bin has 10 bytes"):
+    with pytest.raises(DataCorruptError, match=r"other' is corrupt: the index describes 8 bytes .* has 10 bytes"):
         merge_datasets([tmp_path / "small", tmp_path / "other"], out, progress=False)
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError, match="also an input"):

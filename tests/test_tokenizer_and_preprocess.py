@@ -11,7 +11,6 @@ The helpers and fixtures here are also used by the other tests/test_preprocess_*
 
 import base64
 import json
-import os
 import pickle
 import random
 import subprocess
@@ -88,7 +87,7 @@ def read_files(prefix) -> dict[str, bytes]:
 
 def gpt2_bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (from its encoder.py)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -332,7 +331,8 @@ def test_training_config_names_every_tokenizer_kind(gpt2_files, tiktoken_file, t
                                     f"data.tokenizer.merges_path={gpt2_files / 'merges.txt'}",
                                     "data.tokenizer.eod_token='<|endoftext|>'"])
     tok = tokenizer_from_config(cfg.data.tokenizer.__dict__)
-    assert isinstance(tok, GPT2BPETokenizer) and tok.encode("the king") == GPT2BPETokenizer(gpt2_files).encode("the king")
+    assert isinstance(tok, GPT2BPETokenizer)
+    assert tok.encode("the king") == GPT2BPETokenizer(gpt2_files).encode("the king")
     cfg = load_config(None, base + ["data.tokenizer.kind=tiktoken", f"data.tokenizer.path={tiktoken_file}",
                                     "data.tokenizer.pattern=o200k"])
     tok = tokenizer_from_config(cfg.data.tokenizer.__dict__)
@@ -400,11 +400,14 @@ def test_round_trip(kind, sp_tokenizer, hf_tokenizer, gpt2_files, tiktoken_file,
 
 def test_dtype_follows_the_vocabulary(tmp_path):
     """uint16 below 65500 ids, int32 from there on (Megatron-Core's DType.optimal_dtype)."""
-    src = write_jsonl(tmp_path / "d.jsonl", ["1 2", "70000 3"])
-    assert build_indexed_dataset([src], tmp_path / "big", NullTokenizer(70001), progress_interval_s=None)["dtype"] == "int32"
-    assert read_dataset(tmp_path / "big") == [[1, 2, 70000], [70000, 3, 70000]]
-    src = write_jsonl(tmp_path / "s.jsonl", ["1 2"])
-    assert build_indexed_dataset([src], tmp_path / "small", NullTokenizer(65499), progress_interval_s=None)["dtype"] == "uint16"
+    def dtype(vocab_size: int, texts: list[str]) -> str:
+        src = write_jsonl(tmp_path / f"{vocab_size}.jsonl", texts)
+        return build_indexed_dataset([src], tmp_path / str(vocab_size), NullTokenizer(vocab_size),
+                                     progress_interval_s=None)["dtype"]
+
+    assert dtype(70001, ["1 2", "70000 3"]) == "int32"
+    assert read_dataset(tmp_path / "70001") == [[1, 2, 70000], [70000, 3, 70000]]
+    assert dtype(65499, ["1 2"]) == "uint16"
 
 
 def test_no_append_eod(sp_tokenizer, tmp_path):
@@ -509,7 +512,8 @@ def test_cli(tmp_path):
     proc = subprocess.run(cli + args[:3] + [str(tmp_path / "strict")] + args[4:] + ["--strict"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1
-    assert f"error: {data / 'a.jsonl'}:3: invalid_json: Expecting property name enclosed in double quotes" in proc.stderr
+    assert f"error: {data / 'a.jsonl'}:3: invalid_json: Expecting property name enclosed in double quotes: column 2" \
+        in proc.stderr
     assert not list(tmp_path.glob("strict*"))
 
     # Bad arguments fail before megatron is imported, as one line and exit status 1.

@@ -130,7 +130,8 @@ def main(argv=None) -> int:
     for report in reports:
         docs = report["documents"]
         parts = report["parts"]
-        where = parts[0]["prefix"] + ".{bin,idx}" if len(parts) == 1 else f"{len(parts)} parts {report['output_prefix']}_part*"
+        where = (parts[0]["prefix"] + ".{bin,idx}" if len(parts) == 1
+                 else f"{len(parts)} parts {report['output_prefix']}_part*")
         if report["status"] == "up_to_date":
             print(f"{report['output_prefix']}: up to date ({docs['written']} documents), skipped")
             continue

@@ -24,6 +24,7 @@ import time
 from typing import Sequence
 
 from megatron_gpas.data import indexed
+from megatron_gpas.data.preprocess import EXAMPLES_PER_REASON
 
 
 def expand_dataset_prefixes(specs: Sequence[str | os.PathLike]) -> list[str]:
@@ -68,7 +69,7 @@ def _sum_preprocessing_reports(prefixes: Sequence[str]) -> dict:
         for reason, info in report.get("skipped", {}).items():
             entry = totals["skipped"].setdefault(reason, {"count": 0, "first": []})
             entry["count"] += info["count"]
-            entry["first"] += info.get("first", [])[: max(0, 5 - len(entry["first"]))]
+            entry["first"] += info.get("first", [])[: max(0, EXAMPLES_PER_REASON - len(entry["first"]))]
     return totals
 
 

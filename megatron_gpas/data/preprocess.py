@@ -117,7 +117,7 @@ def _record_texts(fmt: str, payload, line: int, keys: Sequence[str]) -> list[tup
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError as e:
-        return [(None, "invalid_json", f"{e.msg} (column {e.colno})", line)] * len(keys)
+        return [(None, "invalid_json", f"{e.msg}: column {e.colno}", line)] * len(keys)
     if not isinstance(obj, dict):
         return [(None, "invalid_json", f"expected a JSON object, got {type(obj).__name__}", line)] * len(keys)
     return [_text_value(obj, key, line) for key in keys]
@@ -194,8 +194,9 @@ class _TokenizerPool:
         pending = deque()
         try:
             for chunk in chunks:
+                # The executor holds each chunk until its result is back: the window below is
+                # what bounds the records in memory.
                 pending.append(self.executor.submit(_tokenize_chunk_in_worker, chunk, keys, append_eod, dtype))
-                del chunk  # the worker has its copy; keep only the future
                 if len(pending) >= self.max_inflight:
                     yield pending.popleft().result()
             while pending:
@@ -458,7 +459,7 @@ def preprocess(
         raise ValueError(f"several text keys need JSONL or Parquet inputs; {text_files[0]!r} is plain text")
 
     # Imported here, after the cheap checks: megatron.core takes seconds to import, and the
-    # spawned workers (which import this module) never need it.
+    # workers' fork server (which imports this module) never needs it.
     from megatron.core.datasets.indexed_dataset import DType
 
     prefix = os.fspath(output_prefix)
