@@ -33,11 +33,12 @@ receiving process), so they can be handed to multiprocessing workers.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import re
 from pathlib import Path
+
+from megatron_gpas.hashing import sha256_of
 
 # Special tokens that mean "end of text", in the order they are tried when no eod_token
 # is given (tokenizer.json and GPT-2 vocabularies).
@@ -108,7 +109,7 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "eod_id": self.eod_id,
             "config": cfg,
-            "sha256": [_sha256(cfg[key]) for key in ("path", "merges_path") if cfg.get(key)],
+            "sha256": [sha256_of(cfg[key]) for key in ("path", "merges_path") if cfg.get(key)],
         }
 
     def __repr__(self) -> str:
@@ -120,7 +121,8 @@ class _FileTokenizer(Tokenizer):
 
     kind: str
     path: str
-    eod_token: str | None
+    eod_token: str | None  # as given (None: the tokenizer's own)
+    eod_token_text: str  # the end-of-document token actually used
     _eod_id: int
 
     @property
@@ -169,6 +171,7 @@ class SentencePieceTokenizer(_FileTokenizer):
                     "pass eod_token (config: data.tokenizer.eod_token) to name one"
                 )
         self._eod_id = int(eod)
+        self.eod_token_text = self.sp.id_to_piece(self._eod_id)
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text, out_type=int)
@@ -271,15 +274,16 @@ class TiktokenTokenizer(_FileTokenizer):
         self.eod_token = eod_token
         _require_file(self.path, "tiktoken")
         ranks = read_tiktoken_ranks(self.path)
-        pat_str = TIKTOKEN_PATTERNS.get(pattern or DEFAULT_TIKTOKEN_PATTERN, pattern)
+        self.pat_str = TIKTOKEN_PATTERNS.get(pattern or DEFAULT_TIKTOKEN_PATTERN, pattern)
         self._eod_id = max(ranks.values()) + 1
-        eod_text = eod_token or TIKTOKEN_EOD_TOKEN
-        if eod_text.encode() in ranks:
-            raise ValueError(f"eod_token {eod_text!r} is an ordinary token of {self.path}; name another one")
+        self.eod_token_text = eod_token or TIKTOKEN_EOD_TOKEN
+        if self.eod_token_text.encode() in ranks:
+            raise ValueError(f"eod_token {self.eod_token_text!r} is an ordinary token of {self.path}; "
+                             "name another one")
         self.name = f"tiktoken:{Path(self.path).name}"
         try:
-            self.enc = tiktoken.Encoding(self.name, pat_str=pat_str, mergeable_ranks=ranks,
-                                         special_tokens={eod_text: self._eod_id})
+            self.enc = tiktoken.Encoding(self.name, pat_str=self.pat_str, mergeable_ranks=ranks,
+                                         special_tokens={self.eod_token_text: self._eod_id})
         except ValueError as e:  # an invalid regex
             raise ValueError(f"tiktoken pattern {pattern!r} is not a valid regex: {e}") from e
 
@@ -360,14 +364,6 @@ class NullTokenizer(Tokenizer):
 def _require_file(path: str, kind: str) -> None:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{kind} tokenizer file not found: {path!r}")
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _gpt2_files(path: str, merges_path: str | None) -> tuple[str, str]:

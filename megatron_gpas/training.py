@@ -29,7 +29,13 @@ from megatron_gpas import checkpoint, distributed
 from megatron_gpas.activation_stats import LayerInputVariance
 from megatron_gpas.config import (Config, ConfigError, data_parallel_size, padded_vocab_size, pretrained_checkpoint,
                                    validate)
-from megatron_gpas.data.datasets import build_datasets, build_loader, check_indexed_dataset, check_split
+from megatron_gpas.data.datasets import (
+    build_datasets,
+    build_loader,
+    check_indexed_dataset,
+    check_split,
+    describe_blend,
+)
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
 from megatron_gpas.optim import build_optimizer, clipped_step
@@ -215,6 +221,8 @@ class Trainer:
             f"[setup] logs: {os.path.abspath(cfg.logging.dir)}",
             flush=True,
         )
+        if self.data_builder is None:  # pretraining data: the blend as Megatron-Core samples it
+            print(describe_blend(cfg), flush=True)
 
     # ------------------------------------------------------------------ steps
 

@@ -20,11 +20,6 @@ from megatron_gpas.config import PRESETS, Config, ConfigError, load_config, pars
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
-]
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -13,10 +13,6 @@ from megatron_gpas.data.readers import expand_inputs
 from megatron_gpas.tokenizer import NullTokenizer
 from test_tokenizer_and_preprocess import read_dataset, write_jsonl
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
-]
 
 TOK = NullTokenizer(1000)  # text "5 17 3" -> ids [5, 17, 3]; EOD 999
 

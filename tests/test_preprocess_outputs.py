@@ -19,19 +19,8 @@ from megatron_gpas.data.inspection import inspect_dataset
 from megatron_gpas.data.merge import merge_datasets
 from megatron_gpas.data.preprocess import build_indexed_dataset, preprocess
 from megatron_gpas.tokenizer import NullTokenizer
-from test_tokenizer_and_preprocess import (  # noqa: F401  (sp_tokenizer is a fixture)
-    REPO_ROOT,
-    generated_sentences,
-    read_dataset,
-    read_files,
-    sp_tokenizer,
-    write_jsonl,
-)
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
-]
+from test_tokenizer_and_preprocess import REPO_ROOT, generated_sentences, read_dataset, read_files, write_jsonl
+from test_tokenizer_and_preprocess import sp_tokenizer  # noqa: F401  (a fixture)
 
 
 def _inputs(tmp_path: Path) -> list[Path]:
@@ -99,16 +88,29 @@ def test_merge_refuses_bad_inputs_before_writing(tmp_path):
     assert read_dataset(out) == [[1, 2, 99], [3, 99]] and report["preprocessing"]["documents"]["skipped"] == 2
 
 
-def test_slurm_script_runs_locally_and_matches_a_single_run(sp_tokenizer, tmp_path):
-    """slurm/preprocess.sbatch without SLURM: 2 array tasks over 3 files, then the merge."""
+@pytest.mark.parametrize("mode", ["local", "submit"])
+def test_slurm_script_matches_a_single_run(mode, sp_tokenizer, tmp_path):
+    """slurm/preprocess.sbatch, 2 array tasks over 3 files, then the merge: run locally, and
+    submitted to tests/slurm_emulator/sbatch (SLURM's job semantics, run synchronously here)."""
     (tmp_path / "raw").mkdir()
     inputs = _inputs(tmp_path / "raw")
     env = dict(os.environ, INPUTS=f"{tmp_path / 'raw'}/*", OUT=str(tmp_path / "out"), NAME="corpus",
                TOKENIZER=sp_tokenizer.path, TASKS="2", WORKERS="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "preprocess.sbatch")], env=env,
-                          capture_output=True, text=True, timeout=600)
+    sbatch_log = tmp_path / "sbatch.jsonl"
+    if mode == "submit":
+        env.update(PATH=f"{REPO_ROOT / 'tests' / 'slurm_emulator'}{os.pathsep}{env['PATH']}",
+                   SBATCH_LOG=str(sbatch_log))
+    stage = ["submit"] if mode == "submit" else []
+    proc = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "preprocess.sbatch"), *stage],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "running 2 tasks over 3 files" in proc.stdout
+    if mode == "local":
+        assert "running 2 tasks over 3 files" in proc.stdout
+    else:
+        assert proc.stdout.strip() == "submitted: 3 files in 2 array tasks (job 1000), merge job 1001"
+        array, merge = [json.loads(line) for line in sbatch_log.read_text().splitlines()]
+        assert (array["array"], array["returncodes"]) == ([0, 1], [0, 0])
+        assert (merge["opts"]["dependency"], merge["returncodes"]) == ("afterok:1000", [0])
     shards = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.idx"))
     assert shards == ["corpus_00000.idx", "corpus_00001.idx", "corpus_00002.idx"]
 
@@ -210,7 +212,7 @@ def _training_overrides(paths, *extra) -> list[str]:
 def test_preprocessed_datasets_blend_for_training(tmp_path):
     """Two preprocessed datasets, blended 1:3 with a train/valid/test split, as training builds them."""
     from megatron_gpas.config import load_config
-    from megatron_gpas.data.datasets import build_datasets
+    from megatron_gpas.data.datasets import build_datasets, describe_blend
 
     tok = NullTokenizer(256)
     for name, base in (("a", 10), ("b", 100)):  # disjoint id ranges tell the sources apart
@@ -220,6 +222,9 @@ def test_preprocessed_datasets_blend_for_training(tmp_path):
     cfg = load_config(None, _training_overrides([tmp_path / "a", tmp_path / "b"], "data.weights=[0.25, 0.75]",
                                                 "data.split='80,10,10'", "train.steps=200"))
     train, valid, test = build_datasets(cfg, tok.eod_id, tok.vocab_size, str(tmp_path / "cache"))
+    assert describe_blend(cfg).splitlines() == [  # what the run log says about the blend
+        f"[data] {tmp_path / name}: weight {w}, 60 documents, 2,460 tokens; split 80,10,10 (train/valid/test)"
+        for name, w in (("a", "0.250"), ("b", "0.750"))]
     assert len(train) == 400 and valid is not None and test is not None
     shares = np.bincount(train.dataset_index, minlength=2) / len(train)
     assert shares.tolist() == pytest.approx([0.25, 0.75], abs=0.01)

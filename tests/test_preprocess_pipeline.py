@@ -16,19 +16,9 @@ from megatron_gpas.data import indexed
 from megatron_gpas.data.preprocess import _TokenizerPool, build_indexed_dataset, preprocess
 from megatron_gpas.data.readers import iter_chunks
 from megatron_gpas.tokenizer import NullTokenizer
-from test_tokenizer_and_preprocess import (  # noqa: F401  (sp_tokenizer is a fixture)
-    REPO_ROOT,
-    generated_sentences,
-    read_dataset,
-    read_files,
-    sp_tokenizer,
-    write_jsonl,
-)
+from test_tokenizer_and_preprocess import REPO_ROOT, generated_sentences, read_dataset, read_files, write_jsonl
+from test_tokenizer_and_preprocess import sp_tokenizer  # noqa: F401  (a fixture)
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
-]
 
 # Report fields that legitimately differ between runs of the same job.
 RUN_FIELDS = ("elapsed_s", "tokens_per_s", "workers", "status")

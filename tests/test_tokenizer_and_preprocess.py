@@ -35,11 +35,6 @@ from megatron_gpas.tokenizer import (
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# Importing megatron.core on CPU warns about missing fused kernels and ranks; not our concern here.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning:megatron.*"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*"),
-]
 
 WORDS = (
     "the king queen lord lady night day love death sword crown heaven earth fair foul "

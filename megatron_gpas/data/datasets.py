@@ -134,6 +134,19 @@ def check_split(prefixes: list[str], split: str) -> None:
                 )
 
 
+def describe_blend(cfg: Config) -> str:
+    """One line per dataset of the blend: its weight, documents and tokens (for the run log)."""
+    weights = list(cfg.data.weights) if cfg.data.weights else [1.0] * len(cfg.data.paths)
+    total = sum(weights)
+    lines = []
+    for prefix, weight in zip(cfg.data.paths, weights):
+        index = IndexedDataset(prefix, mmap=True).index
+        tokens = int(index.sequence_lengths.sum(dtype="int64"))
+        lines.append(f"[data] {prefix}: weight {weight / total:.3f}, {int(index.document_count) - 1:,} documents, "
+                     f"{tokens:,} tokens; split {cfg.data.split} (train/valid/test)")
+    return "\n".join(lines)
+
+
 def build_datasets(cfg: Config, eod_id: int, vocab_size: int, cache_dir: str | None,
                    num_samples: list[int | None] | None = None):
     """(train, valid, test) GPTDatasets sized for the whole run.

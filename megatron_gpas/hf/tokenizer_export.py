@@ -34,8 +34,9 @@ def tokenizer_spec(checkpoint_path: str, run_config: dict, override: str | None)
     if os.path.isfile(os.path.join(copy, TOKENIZER_SPEC)):
         with open(os.path.join(copy, TOKENIZER_SPEC)) as f:
             spec = yaml.safe_load(f)
-        if spec.get("path") is not None:
-            spec["path"] = os.path.normpath(os.path.join(copy, spec["path"]))
+        for key in ("path", "merges_path"):
+            if spec.get(key) is not None:
+                spec[key] = os.path.normpath(os.path.join(copy, spec[key]))
         return spec
     spec = dict(run_config.get("data", {}).get("tokenizer") or {})
     if spec.get("kind") == "null" or (spec.get("path") and os.path.exists(os.path.expanduser(spec["path"]))):
@@ -43,26 +44,52 @@ def tokenizer_spec(checkpoint_path: str, run_config: dict, override: str | None)
     return None
 
 
-def _hf_tokenizer(kind: str, path: str, ours, out_dir: str):
-    """Write and load the HF tokenizer for our tokenizer file (None if this kind has no HF form)."""
+def _backend_tokenizer(ours):
+    """Our tokenizer as a ``tokenizers.Tokenizer`` (None for kinds without a file)."""
+    import tokenizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from megatron_gpas.tokenizer import read_tiktoken_ranks
+
+    kind = ours.config()["kind"]
+    if kind in ("huggingface", "gpt2"):  # already run by the tokenizers library: copy it
+        return tokenizers.Tokenizer.from_str(ours.tok.to_str())
+    if kind == "tiktoken":
+
+        class RankFileConverter(TikTokenConverter):
+            # transformers would read the file with tiktoken's caching loader; hand it our parse.
+            def load_tiktoken_bpe(self, _):
+                return read_tiktoken_ranks(ours.path)
+
+        return RankFileConverter(ours.path, pattern=ours.pat_str,
+                                 extra_special_tokens=[ours.eod_token_text]).converted()
+    return None
+
+
+def _hf_tokenizer(ours, out_dir: str):
+    """Write and load the HF tokenizer for our tokenizer (None if it has no HF form)."""
+    from tokenizers import processors
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if kind == "sentencepiece":
-        shutil.copy(path, os.path.join(out_dir, "tokenizer.model"))
+    if ours.config()["kind"] == "sentencepiece":
+        shutil.copy(ours.path, os.path.join(out_dir, "tokenizer.model"))
         # transformers converts the SentencePiece model into its Llama tokenizer on load.
         config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                  "legacy": True, "eos_token": ours.sp.id_to_piece(ours.eod_id)}
+                  "legacy": True, "eos_token": ours.eod_token_text}
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
             json.dump(config, f)
         return AutoTokenizer.from_pretrained(out_dir)
-    if kind == "huggingface":
-        import tokenizers
-        from tokenizers import processors
-
-        tok = tokenizers.Tokenizer.from_file(path)
-        tok.post_processor = processors.Sequence([])  # no BOS/EOS template: training saw none
-        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ours.tok.id_to_token(ours.eod_id))
-    return None
+    backend = _backend_tokenizer(ours)
+    if backend is None:
+        return None
+    if backend.token_to_id(ours.eod_token_text) != ours.eod_id:
+        raise ValueError(f"the Hugging Face form of {ours.name} puts {ours.eod_token_text!r} at id "
+                         f"{backend.token_to_id(ours.eod_token_text)}, not at our end-of-document id {ours.eod_id}")
+    backend.post_processor = processors.Sequence([])  # no BOS/EOS template: training saw none
+    # Our gpt2 and tiktoken kinds read a special-token string inside the text as ordinary text
+    # (so data cannot fake a document end); split_special_tokens makes the HF tokenizer agree.
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=ours.eod_token_text,
+                                   split_special_tokens=ours.config()["kind"] in ("gpt2", "tiktoken"))
 
 
 def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, override: str | None = None):
@@ -74,36 +101,42 @@ def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, overr
         return {"exported": False, "reason": "the checkpoint has no tokenizer copy and the run's tokenizer path "
                                               "does not exist here; pass --tokenizer"}, (None, None)
     ours = tokenizer_from_config(spec)
-    kind = type(ours).__name__
-    file_kind = {"SentencePieceTokenizer": "sentencepiece", "HFTokenizer": "huggingface"}.get(kind)
-    hf = _hf_tokenizer(file_kind, ours.path, ours, out_dir) if file_kind else None
+    kind = ours.config()["kind"]
+    try:
+        hf = _hf_tokenizer(ours, out_dir)
+        reason = f"a {kind} tokenizer has no Hugging Face form"
+    except ValueError as e:
+        hf, reason = None, str(e)
     if hf is None:
-        return {"exported": False, "reason": f"{kind} has no Hugging Face form", "eos_token_id": ours.eod_id}, \
-            (None, ours.eod_id)
+        return {"exported": False, "reason": reason, "eos_token_id": ours.eod_id}, (None, ours.eod_id)
     hf.save_pretrained(out_dir)
     mismatches = [text for text in PROBE_TEXTS if hf.encode(text, add_special_tokens=True) != ours.encode(text)]
     bos = getattr(hf, "bos_token_id", None)
-    report = {"exported": True, "source": spec.get("path"), "kind": file_kind, "eos_token_id": ours.eod_id,
+    report = {"exported": True, "source": spec.get("path"), "kind": kind, "eos_token_id": ours.eod_id,
               "bos_token_id": bos, "probe_texts": len(PROBE_TEXTS), "probe_mismatches": len(mismatches),
               "mismatching_texts": mismatches}
     return report, (bos, ours.eod_id)
 
 
 def copy_into_checkpoint(tokenizer_cfg: dict, checkpoint_dir: str, max_bytes: int = 256 * 1024**2) -> None:
-    """Store the run's tokenizer file(s) with a checkpoint, so exports need no outside files."""
-    path = tokenizer_cfg.get("path")
-    dest = os.path.join(checkpoint_dir, TOKENIZER_DIR)
+    """Store the run's tokenizer file(s) with a checkpoint, so exports need no outside files.
+
+    The copy holds every file the tokenizer reads (a GPT-2 vocabulary and its merges file),
+    and ``tokenizer.yaml`` is its resolved config (concrete kind, file names in the copy).
+    """
+    from megatron_gpas.tokenizer import tokenizer_from_config
+
     spec = {k: v for k, v in tokenizer_cfg.items() if v is not None}
-    if path:
-        path = os.path.expanduser(path)
-        files = [path] if os.path.isfile(path) else sorted(
-            os.path.join(path, n) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
-        if sum(os.path.getsize(f) for f in files) > max_bytes:
-            return  # an unusual tokenizer directory: leave the config's path as the reference
+    dest = os.path.join(checkpoint_dir, TOKENIZER_DIR)
+    if spec.get("path"):
+        spec = tokenizer_from_config(spec).config()  # "auto" and directories resolved to files
+        files = {key: spec[key] for key in ("path", "merges_path") if spec.get(key)}
+        if sum(os.path.getsize(f) for f in files.values()) > max_bytes:
+            return  # an unusual tokenizer: leave the config's path as the reference
         os.makedirs(dest, exist_ok=True)
-        for f in files:
+        for key, f in files.items():
             shutil.copy(f, dest)
-        spec["path"] = os.path.basename(path) if os.path.isfile(path) else "."
+            spec[key] = os.path.basename(f)
     os.makedirs(dest, exist_ok=True)
     with open(os.path.join(dest, TOKENIZER_SPEC), "w") as f:
         yaml.safe_dump(spec, f)

@@ -1,0 +1,79 @@
+"""Every tokenizer kind travels with a checkpoint and exports to an equivalent HF tokenizer.
+
+The checkpoint's copy (``iter_N/tokenizer/``) must hold every file the tokenizer reads (a
+GPT-2 vocabulary given alone brings its merges file), and the exported Hugging Face
+tokenizer must give our ids, our end-of-document id and no BOS/EOS: the data the model was
+trained on. The source files are deleted before exporting, so only the copy can serve.
+"""
+
+import shutil
+
+import pytest
+import yaml
+
+from megatron_gpas.hf.tokenizer_export import TOKENIZER_DIR, TOKENIZER_SPEC, copy_into_checkpoint, export_tokenizer
+from megatron_gpas.tokenizer import tokenizer_from_config
+from test_tokenizer_and_preprocess import (  # noqa: F401  (fixtures)
+    AWKWARD_TEXTS,
+    generated_sentences,
+    gpt2_files,
+    hf_tokenizer,
+    sp_tokenizer,
+    tiktoken_file,
+)
+
+
+def _source_files(kind, sp_tokenizer, hf_tokenizer, gpt2_files, tiktoken_file, dest):
+    """Copy the fixture's files to ``dest``; returns the path a config names."""
+    dest.mkdir()
+    if kind == "gpt2":  # the vocabulary file alone: the merges file must be found and copied too
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy(gpt2_files / name, dest)
+        return dest / "vocab.json"
+    source = {"sentencepiece": sp_tokenizer.path, "huggingface": hf_tokenizer.path, "tiktoken": tiktoken_file}[kind]
+    return shutil.copy(source, dest)
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface", "gpt2", "tiktoken"])
+def test_checkpoint_copy_exports_an_equivalent_hf_tokenizer(kind, sp_tokenizer, hf_tokenizer, gpt2_files,
+                                                            tiktoken_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    path = _source_files(kind, sp_tokenizer, hf_tokenizer, gpt2_files, tiktoken_file, tmp_path / "src")
+    cfg = {"kind": "auto", "path": str(path)}
+    ours = tokenizer_from_config(cfg)
+    checkpoint = tmp_path / "iter_0000010"
+    copy_into_checkpoint(cfg, checkpoint)
+    shutil.rmtree(tmp_path / "src")
+
+    spec = yaml.safe_load((checkpoint / TOKENIZER_DIR / TOKENIZER_SPEC).read_text())
+    assert spec["kind"] == kind  # resolved from "auto"
+    if kind == "gpt2":
+        assert (spec["path"], spec["merges_path"]) == ("vocab.json", "merges.txt")
+
+    out = tmp_path / "hf"
+    out.mkdir()
+    report, (bos, eos) = export_tokenizer(str(checkpoint), {"data": {"tokenizer": cfg}}, str(out))
+    assert report["exported"], report
+    assert report["kind"] == kind, report
+    if kind != "sentencepiece":  # the tiny SentencePiece model lacks most probe characters
+        assert report["probe_mismatches"] == 0, report
+    assert eos == ours.eod_id
+
+    hf = AutoTokenizer.from_pretrained(out)
+    assert hf.eos_token_id == ours.eod_id
+    texts = generated_sentences(30, seed=9)
+    if kind != "sentencepiece":  # transformers' SentencePiece conversion differs on runs of spaces
+        texts += AWKWARD_TEXTS  # (the last one holds a literal "<|endoftext|>": ordinary text for us)
+    for text in texts:
+        ids = ours.encode(text)
+        assert hf.encode(text) == ids, text  # no BOS, no EOS: as the training data was tokenized
+        assert hf.decode(ids) == ours.decode(ids)
+
+
+def test_null_tokenizer_has_no_hf_form(tmp_path):
+    cfg = {"kind": "null", "vocab_size": 300}
+    copy_into_checkpoint(cfg, tmp_path / "ckpt")
+    report, (bos, eos) = export_tokenizer(str(tmp_path / "ckpt"), {}, str(tmp_path))
+    assert report == {"exported": False, "reason": "a null tokenizer has no Hugging Face form", "eos_token_id": 299}
+    assert (bos, eos) == (None, 299)
