@@ -42,6 +42,7 @@ def test_compressed_and_parquet_inputs_give_the_same_dataset(tmp_path):
     plain = write_jsonl(tmp_path / "plain.jsonl", texts)
     raw = plain.read_bytes()
     (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "c4-train.00000-of-01024.json.gz").write_bytes(gzip.compress(raw))  # C4's naming
     import zstandard
 
     # Two zstd frames: files concatenated from several compressor runs must read through.
@@ -52,8 +53,8 @@ def test_compressed_and_parquet_inputs_give_the_same_dataset(tmp_path):
     (tmp_path / "c.txt.gz").write_bytes(gzip.compress("\n".join(texts).encode()))
 
     expected = [[int(t) for t in text.split()] + [999] for text in texts]
-    for name, kwargs in [("plain.jsonl", {}), ("c.jsonl.gz", {}), ("c.jsonl.zst", {}), ("c.parquet", {}),
-                         ("c.txt.gz", {"txt_mode": "line"})]:
+    for name, kwargs in [("plain.jsonl", {}), ("c.jsonl.gz", {}), ("c4-train.00000-of-01024.json.gz", {}),
+                         ("c.jsonl.zst", {}), ("c.parquet", {}), ("c.txt.gz", {"txt_mode": "line"})]:
         (report,) = run([tmp_path / name], tmp_path / "out" / name, chunk_records=16, **kwargs)
         assert read_dataset(tmp_path / "out" / name) == expected, name
         assert report["documents"] == {"read": 60, "written": 60, "skipped": 0}, name
@@ -63,10 +64,11 @@ def test_compressed_and_parquet_inputs_give_the_same_dataset(tmp_path):
 def test_directories_and_globs_expand_sorted_and_recursively(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
     (tmp_path / "d" / ".hidden").mkdir()
-    for name in ["d/b.jsonl", "d/a.jsonl.gz", "d/sub/c.parquet", "d/.hidden/x.jsonl", "d/README.md"]:
+    for name in ["d/b.jsonl", "d/a.jsonl.gz", "d/sub/c.parquet", "d/.hidden/x.jsonl", "d/README.md",
+                 "d/dataset_info.json", "d/sub/e.json.zst"]:
         (tmp_path / name).write_bytes(b"")
     d = str(tmp_path / "d")
-    assert expand_inputs([d]) == [f"{d}/a.jsonl.gz", f"{d}/b.jsonl", f"{d}/sub/c.parquet"]
+    assert expand_inputs([d]) == [f"{d}/a.jsonl.gz", f"{d}/b.jsonl", f"{d}/sub/c.parquet", f"{d}/sub/e.json.zst"]
     assert expand_inputs([f"{d}/*.jsonl*"]) == [f"{d}/a.jsonl.gz", f"{d}/b.jsonl"]
     assert expand_inputs([f"{d}/**/*.parquet", f"{d}/b.jsonl"]) == [f"{d}/sub/c.parquet", f"{d}/b.jsonl"]
 
@@ -78,6 +80,8 @@ def test_directories_and_globs_expand_sorted_and_recursively(tmp_path):
         expand_inputs([f"{d}/*.zip"])
     with pytest.raises(ValueError, match="unsupported input file"):
         expand_inputs([f"{d}/README.md"])
+    with pytest.raises(ValueError, match=r"dataset_info.json.*\(if it holds one JSON object per line, name it"):
+        expand_inputs([f"{d}/dataset_info.json"])
 
 
 def test_several_text_keys_write_one_dataset_per_key(tmp_path):

@@ -5,7 +5,7 @@ r"""Tokenize JSONL / Parquet / text files into Megatron indexed datasets (.bin/.
         --tokenizer-path tokenizer.model --workers 8
 
 Inputs are files, directories (searched recursively) or quoted globs: .jsonl, .jsonl.gz,
-.jsonl.zst, .parquet, .txt, .txt.gz, .txt.zst. See docs/data-preprocessing.md and
+.jsonl.zst (also .json.gz/.json.zst, as C4 names its JSON Lines), .parquet, .txt, .txt.gz, .txt.zst. See docs/data-preprocessing.md and
 megatron_gpas/data/preprocess.py for outputs, reports, sharding and resumption.
 """
 

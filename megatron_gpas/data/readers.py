@@ -2,6 +2,7 @@
 
 Formats, by file name:
   ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst``  one JSON object per line; blank lines are ignored
+  ``.json.gz``, ``.json.zst``                JSON Lines too, as C4 and the Pile name them
   ``.parquet``                               one record per row; only the text columns are read
   ``.txt``, ``.txt.gz``, ``.txt.zst``        plain text, split into documents by ``txt_mode``:
                                              ``file`` (the whole file), ``line`` (each non-blank
@@ -32,6 +33,10 @@ INPUT_FORMATS = {
     ".jsonl": ("jsonl", None),
     ".jsonl.gz": ("jsonl", "gzip"),
     ".jsonl.zst": ("jsonl", "zstd"),
+    # Compressed JSON Lines as corpora ship them (C4: c4-train.*.json.gz; Pile-style .json.zst).
+    # A plain .json is not taken: it is as often one JSON document (metadata) as JSON Lines.
+    ".json.gz": ("jsonl", "gzip"),
+    ".json.zst": ("jsonl", "zstd"),
     ".parquet": ("parquet", None),
     ".txt": ("text", None),
     ".txt.gz": ("text", "gzip"),
@@ -62,6 +67,11 @@ def input_format(path: str) -> tuple[str, str | None] | None:
     return None
 
 
+def _unsupported(path: str) -> ValueError:
+    hint = " (if it holds one JSON object per line, name it .jsonl)" if path.endswith(".json") else ""
+    return ValueError(f"unsupported input file {path!r}: expected one of {', '.join(INPUT_FORMATS)}{hint}")
+
+
 def _supported_files_under(directory: str) -> list[str]:
     """Supported files below ``directory`` (recursively), sorted; hidden names are skipped."""
     found = []
@@ -82,7 +92,7 @@ def expand_inputs(specs: Sequence[str | os.PathLike]) -> list[str]:
             files += found
         elif os.path.isfile(spec):
             if input_format(spec) is None:
-                raise ValueError(f"unsupported input file {spec!r}: expected one of {', '.join(INPUT_FORMATS)}")
+                raise _unsupported(spec)
             files.append(spec)
         elif _GLOB_CHARS & set(spec):
             matches = sorted(glob.glob(spec, recursive=True))
@@ -272,7 +282,7 @@ def iter_chunks(path: str, *, text_keys: Sequence[str] = ("text",), txt_mode: st
     """The records of one input file, in order, grouped into chunks."""
     fmt, compression = input_format(path) or (None, None)
     if fmt is None:
-        raise ValueError(f"unsupported input file {path!r}: expected one of {', '.join(INPUT_FORMATS)}")
+        raise _unsupported(path)
     if fmt == "parquet":
         yield from _parquet_chunks(path, text_keys, max_records, max_bytes)
         return
