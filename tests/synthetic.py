@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -22,3 +24,14 @@ def write_synthetic_dataset(prefix: str, vocab_size: int = 256, num_docs: int = 
         builder.add_document(torch.from_numpy(np.append(doc, vocab_size - 1).astype(np.int64)), [doc_len + 1])
     builder.finalize(prefix + ".idx")
     return prefix
+
+
+def synthetic_run_overrides(ws: Path, log_dir: Path, vocab_size: int = 256) -> list[str]:
+    """Overrides for a run on the workspace's synthetic dataset (``ws/data/synthetic``, split 98/1/1,
+    the data the parallel tests' thresholds were set on), logging every step to ``log_dir``
+    without TensorBoard or plots."""
+    return [
+        f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'",
+        f"data.tokenizer.vocab_size={vocab_size}", f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",
+        f"logging.dir='{log_dir}'", "logging.interval=1", "logging.tensorboard=false", "logging.plots=false",
+    ]

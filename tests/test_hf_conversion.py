@@ -28,6 +28,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from synthetic import synthetic_run_overrides
 from test_parallel import _launch
 
 pytestmark = [
@@ -78,18 +79,9 @@ def _overrides(ws: Path, name: str, *extra: str) -> list[str]:
         "model.num_query_groups=2",
         "train.steps=1", f"train.seq_length={SEQ}", "train.micro_batch_size=2", "train.global_batch_size=2",
         "train.eval_iters=1",
-        f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'", f"data.tokenizer.vocab_size={VOCAB}",
-        f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",
-        f"logging.dir='{ws / 'runs' / name}'", "logging.tensorboard=false", "logging.plots=false",
+        *synthetic_run_overrides(ws, ws / "runs" / name, vocab_size=VOCAB),
         *MODELS[name][0], *extra,
     ]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("hf")
-    (ws / "data").mkdir()
-    return ws
 
 
 @pytest.fixture(scope="module")

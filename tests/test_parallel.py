@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from synthetic import synthetic_run_overrides
+
 TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "parallel_worker.py"
 
@@ -117,18 +119,9 @@ def _overrides(ws: Path, run: str, *extra: str) -> list[str]:
         f"train.steps={STEPS}", "train.seq_length=64", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.eval_interval=0", "train.eval_iters=1",
         "optim.lr=3.0e-3", "optim.warmup_steps=2", f"optim.clip_grad={CLIP_GRAD!r}",
-        f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'", "data.tokenizer.vocab_size=256",
-        f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",  # the data the thresholds were set on
-        f"logging.dir='{ws / 'runs' / run}'", "logging.interval=1", "logging.tensorboard=false", "logging.plots=false",
+        *synthetic_run_overrides(ws, ws / "runs" / run),
         *extra,
     ]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("parallel")
-    (ws / "data").mkdir()
-    return ws
 
 
 @pytest.fixture(scope="module")

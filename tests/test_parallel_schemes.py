@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from synthetic import synthetic_run_overrides
 from test_parallel import _close, _launch
 
 CLIP_GRAD = 0.5
@@ -96,10 +97,7 @@ def _overrides(ws: Path, model: str, run: str, *extra: str) -> list[str]:
         f"train.steps={STEPS}", "train.seq_length=32", "train.micro_batch_size=2",
         f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_interval=0", "train.eval_iters=1",
         "optim.lr=3.0e-3", "optim.warmup_steps=0", f"optim.clip_grad={CLIP_GRAD!r}",
-        f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'", "data.tokenizer.vocab_size=256",
-        f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",  # the data the thresholds were set on
-        f"logging.dir='{ws / 'runs' / model / run}'", "logging.interval=1", "logging.tensorboard=false",
-        "logging.plots=false",
+        *synthetic_run_overrides(ws, ws / "runs" / model / run),
         *extra,
     ]
 
@@ -114,13 +112,6 @@ def _step2_checkpoint(ws: Path, model: str) -> Path:
 
 def _resume_from_pp2(ws: Path, model: str) -> list[str]:
     return [f"checkpoint.load='{_step2_checkpoint(ws, model)}'"]
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    ws = tmp_path_factory.mktemp("parallel_schemes")
-    (ws / "data").mkdir()
-    return ws
 
 
 @pytest.fixture(scope="module")
