@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import random
-import re
 import shutil
 
 import numpy as np
@@ -33,76 +32,36 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.utils import unwrap_model
 
 from megatron_gpas import cpu_runtime
-from megatron_gpas.config import Config, ConfigError, check_vocab_padding, save_config
+from megatron_gpas.checkpoint_paths import (LATEST, PARTIAL_SUFFIX, RUN_CONFIG, CheckpointError,  # noqa: F401
+                                            find_latest, iteration_dir)
+from megatron_gpas.config import Config, ConfigError, check_vocab_padding, config_from_tree, save_config
 from megatron_gpas.hf.tokenizer_export import copy_into_checkpoint
+from megatron_gpas.model.schemes import SCHEMES
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
-PARTIAL_SUFFIX = ".partial"
-RUN_CONFIG = "run_config.yaml"
 
 def architecture(config: dict) -> dict:
     """The config values that define the network a checkpoint holds, as effective values
     (defaults resolved; options that do not apply dropped)."""
-    m, n, g = config["model"], config["norm"], config["gpas"]
-    arch = {f"model.{key}": m.get(key) for key in (
+    cfg = config_from_tree({section: config.get(section) or {} for section in ("model", "norm", "gpas")})
+    m, g = cfg.model, cfg.gpas
+    arch = {f"model.{key}": getattr(m, key) for key in (
         "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size", "rope_base")}
-    heads = m.get("num_attention_heads")
-    arch["model.num_query_groups"] = m.get("num_query_groups") or heads  # None means one group per head
-    arch["model.kv_channels"] = m.get("kv_channels") or m.get("hidden_size") // heads
-    arch["norm.scheme"], arch["norm.eps"] = n.get("scheme"), n.get("eps")
-    if n.get("scheme") == "mixln":
-        k = n.get("mixln_post_layers")
-        arch["norm.mixln_post_layers"] = m.get("num_layers") // 4 if k is None else k
-    if n.get("scheme") == "lns":
-        arch["norm.lns_mode"] = n.get("lns_mode")
-    arch["gpas.enabled"] = g.get("enabled")
-    if g.get("enabled"):
+    arch["model.num_query_groups"] = m.num_query_groups or m.num_attention_heads  # None: one group per head
+    arch["model.kv_channels"] = m.kv_channels or m.hidden_size // m.num_attention_heads
+    scheme = SCHEMES.get(cfg.norm.scheme)
+    if scheme is None:
+        arch["norm.scheme"] = cfg.norm.scheme
+    else:
+        arch.update(scheme.architecture(cfg))
+    arch["gpas.enabled"] = g.enabled
+    if g.enabled:
         for key in ("activation", "position", "stop_gradient", "per_sublayer"):
-            arch[f"gpas.{key}"] = g.get(key)
-        if g.get("activation") == "scaled_silu":
-            arch["gpas.silu_beta"] = g.get("silu_beta")
+            arch[f"gpas.{key}"] = getattr(g, key)
+        if g.activation == "scaled_silu":
+            arch["gpas.silu_beta"] = g.silu_beta
     return arch
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def iteration_dir(root: str, step: int) -> str:
-    return os.path.join(root, f"iter_{step:07d}")
-
-
-def _is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json")) and not path.endswith(PARTIAL_SUFFIX)
-
-
-def find_latest(root: str) -> str | None:
-    """The newest complete checkpoint under ``root`` (None if there is none).
-
-    ``latest`` names it; if ``latest`` is missing or names an incomplete directory (a crash
-    between the steps of a save), the newest complete ``iter_*`` directory is used.
-    """
-    if _is_complete(root):  # a checkpoint directory itself
-        return root
-    pointer = os.path.join(root, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if _is_complete(path):
-            return path
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
-                    pointer, path)
-    if not os.path.isdir(root):
-        return None
-    complete = sorted(name for name in os.listdir(root)
-                      if re.fullmatch(r"iter_\d+", name) and _is_complete(os.path.join(root, name)))
-    if complete:
-        return os.path.join(root, complete[-1])
-    if os.path.isfile(pointer):  # a resume was expected: do not silently start from scratch
-        raise CheckpointError(f"{pointer} names a checkpoint that is not complete, and {root} holds no other")
-    return None
 
 
 def _rng_state() -> dict:

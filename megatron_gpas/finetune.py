@@ -22,8 +22,10 @@ import sys
 
 import yaml
 
+from megatron_gpas.checkpoint_paths import pretrained_checkpoint
 from megatron_gpas.config import (Config, ConfigError, check_vocab_padding, config_from_tree, inherit_architecture,
-                                  load_tree, pretrained_checkpoint, validate)
+                                  load_tree)
+from megatron_gpas.validation import validate
 
 
 def is_logging_process() -> bool:

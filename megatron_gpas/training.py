@@ -27,8 +27,8 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed
 from megatron_gpas.activation_stats import LayerInputVariance
-from megatron_gpas.config import (Config, ConfigError, data_parallel_size, padded_vocab_size, pretrained_checkpoint,
-                                   validate)
+from megatron_gpas.checkpoint_paths import pretrained_checkpoint
+from megatron_gpas.config import Config, ConfigError, data_parallel_size, padded_vocab_size
 from megatron_gpas.data.datasets import (
     build_datasets,
     build_loader,
@@ -37,9 +37,11 @@ from megatron_gpas.data.datasets import (
     describe_blend,
 )
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
-from megatron_gpas.model.builder import build_model_chunks, transformer_config
+from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
+from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.optim import build_optimizer, clipped_step
 from megatron_gpas.tokenizer import tokenizer_from_config
+from megatron_gpas.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,7 @@ class Trainer:
         self.num_microbatches = cfg.train.global_batch_size // (cfg.train.micro_batch_size * self.dp)
         self.rank0 = dist.get_rank() == 0
 
+        self.scheme = get_scheme(cfg)
         self.model_config = transformer_config(cfg, bf16=self.bf16, on_cpu=self.on_cpu)
         self.model_config.calculate_per_token_loss = self.per_token_loss  # read by DDP and the schedules
         self.model = self._build_model()
@@ -150,6 +153,8 @@ class Trainer:
     def _build_model(self):
         cfg = self.cfg
         chunks = build_model_chunks(cfg, self.model_config)
+        # From here on, the config DDP and the schedules read (the residual stream's width)
+        self.model_config = schedule_config(cfg, self.model_config)
         if not self.on_cpu:
             chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
         if self.bf16:
@@ -211,7 +216,7 @@ class Trainer:
         n_params = sum(p.numel() for chunk in self.model for p in unwrap_model(chunk).parameters())
         p = cfg.parallel
         print(
-            f"[setup] scheme={cfg.norm.scheme} gpas={'on (' + cfg.gpas.activation + ')' if cfg.gpas.enabled else 'off'} "
+            f"[setup] scheme={cfg.norm.scheme} ({self.scheme.summary}) gpas={'on (' + cfg.gpas.activation + ')' if cfg.gpas.enabled else 'off'} "
             f"backend={cfg.model.backend} precision={'bf16' if self.bf16 else 'fp32'} "
             f"device={'cpu (gloo)' if self.on_cpu else torch.cuda.get_device_name()}\n"
             f"[setup] layers={cfg.model.num_layers} hidden={cfg.model.hidden_size} heads={cfg.model.num_attention_heads} "
@@ -260,12 +265,15 @@ class Trainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def train_step(self, data_iterator) -> dict[str, float]:
+        self.scheme.before_step(self.model, self.step, self.cfg)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._run_schedule(data_iterator, forward_only=False)
         result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad,
                               measure_post_clip=self.measure_post_clip)
+        if result.updated:
+            self.scheme.after_optimizer_step(self.optimizer, self.model)
         self.last_step_result = result
         lr = self.optimizer.param_groups[0]["lr"]
         if result.updated:

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_gpas.config import PRESETS, Config, ConfigError, load_config, parse_override, validate
+from megatron_gpas.config import PRESETS, Config, ConfigError, load_config, parse_override
+from megatron_gpas.validation import validate
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "examples"

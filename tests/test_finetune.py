@@ -26,7 +26,8 @@ from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from megatron_gpas import distributed, finetune
-from megatron_gpas.config import ConfigError, SFTConfig, load_config, validate
+from megatron_gpas.config import ConfigError, SFTConfig, load_config
+from megatron_gpas.validation import validate
 from megatron_gpas.data.instruct import InstructDataError, build_instruct_datasets, read_examples, render_pieces
 from megatron_gpas.finetune import build_trainer, load_finetune_config
 from megatron_gpas.tokenizer import load_tokenizer

@@ -31,7 +31,8 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import distributed
 from megatron_gpas.checkpoint import RUN_CONFIG, CheckpointError, check_compatible, find_latest
-from megatron_gpas.config import ConfigError, load_config, save_config, validate
+from megatron_gpas.config import ConfigError, load_config, save_config
+from megatron_gpas.validation import validate
 from megatron_gpas.model.gpas import GPASGate, is_gate
 from megatron_gpas.training import Trainer
 from synthetic import write_synthetic_dataset

@@ -38,9 +38,10 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 import yaml  # noqa: E402
 
+from megatron_gpas.checkpoint_paths import pretrained_checkpoint  # noqa: E402
 from megatron_gpas.config import (ConfigError, check_vocab_padding, config_from_tree, data_parallel_size,  # noqa: E402
-                                  inherit_architecture, load_tree, pretrained_checkpoint, validate,
-                                  world_size_from_env)
+                                  inherit_architecture, load_tree, world_size_from_env)
+from megatron_gpas.validation import validate  # noqa: E402
 
 SPLITS = ("train", "valid", "test", "all")
 SPLIT_INDEX = {"train": 0, "valid": 1, "test": 2, "all": 0}  # "all": one split holding every document

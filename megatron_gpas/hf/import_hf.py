@@ -199,7 +199,8 @@ def import_hf_model(hf_dir: str, save_root: str, overrides: list[str] | None = N
     from transformers import AutoConfig
 
     from megatron_gpas import checkpoint, distributed
-    from megatron_gpas.config import load_tree, config_from_tree, padded_vocab_size, validate
+    from megatron_gpas.config import load_tree, config_from_tree, padded_vocab_size
+    from megatron_gpas.validation import validate
     from megatron_gpas.model.builder import build_model_chunks, transformer_config
     from megatron_gpas.tokenizer import tokenizer_from_config
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -11,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from megatron_gpas.config import Config, head_dim, padded_vocab_size
+from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
 
 
@@ -18,7 +22,7 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
     m, p = cfg.model, cfg.parallel
     dtype = torch.bfloat16 if bf16 else torch.float32
     use_te = m.backend == "te"
-    return TransformerConfig(
+    fields = dict(
         # shape
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -27,7 +31,8 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         kv_channels=head_dim(m),
         ffn_hidden_size=m.ffn_hidden_size,
         # Llama block: RMSNorm, SwiGLU, no biases, no dropout (as the GPAS code)
-        normalization="RMSNorm",
+        # the norm TE fuses where the scheme allows it (our own modules everywhere else)
+        normalization="LayerNorm" if cfg.norm.kind == "layernorm" else "RMSNorm",
         layernorm_epsilon=cfg.norm.eps,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -62,26 +67,60 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
     )
+    fields.update(get_scheme(cfg).transformer_config_overrides(cfg))
+    return TransformerConfig(**fields)
+
+
+def schedule_config(cfg: Config, config: TransformerConfig) -> TransformerConfig:
+    """The config Megatron's DDP and pipeline schedules read: pipeline stages exchange the
+    residual stream, ``[s, b, hidden_size]``, so its width is the scheme's residual width (the
+    modules keep theirs)."""
+    width = get_scheme(cfg).residual_width(cfg)
+    if width == config.hidden_size:
+        return config
+    schedule = copy.copy(config)
+    schedule.hidden_size = width
+    return schedule
+
+
+def attach_embedding_transform(model: GPTModel, transform: nn.Module) -> None:
+    """x_0 = transform(embedding(tokens)); the module is ``model.embedding_transform``."""
+    model.embedding_transform = transform
+    model.embedding.register_forward_hook(lambda module, args, output: model.embedding_transform(output))
+
+
+def attach_head_transform(model: GPTModel, transform: nn.Module) -> None:
+    """logits = output_layer(transform(h)); the module is ``model.head_transform``."""
+    model.head_transform = transform
+
+    def transform_input(module, args, kwargs):
+        return (model.head_transform(args[0]), *args[1:]), kwargs
+
+    model.output_layer.register_forward_pre_hook(transform_input, with_kwargs=True)
 
 
 def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (a single one without VP)."""
     vp = cfg.parallel.virtual_pipeline
+    scheme = get_scheme(cfg)
     chunks = []
     for vp_stage in range(vp) if vp > 1 else [None]:
-        chunks.append(
-            GPTModel(
-                config=config,
-                transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
-                vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tensor),
-                max_sequence_length=cfg.train.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                share_embeddings_and_output_weights=False,
-                position_embedding_type="rope",
-                rotary_base=int(cfg.model.rope_base),
-                parallel_output=True,
-                vp_stage=vp_stage,
-            )
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
+            vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tensor),
+            max_sequence_length=cfg.train.seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.model.rope_base),
+            parallel_output=True,
+            vp_stage=vp_stage,
         )
+        if model.pre_process and (transform := scheme.embedding_transform(cfg, config)) is not None:
+            attach_embedding_transform(model, transform)
+        if model.post_process and (transform := scheme.head_transform(cfg, config)) is not None:
+            attach_head_transform(model, transform)
+        chunks.append(model)
     return chunks

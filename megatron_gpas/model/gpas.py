@@ -18,6 +18,7 @@ from torch import nn
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_gpas.checkpoint_paths import find_latest
 from megatron_gpas.model.norms import mark_sequence_parallel
 
 
@@ -62,8 +63,6 @@ def fixed_gate_values(path: str, num_layers: int) -> torch.Tensor:
     sub-layer), or a checkpoint directory of another run (its gates are read offline).
     """
     if os.path.isdir(path):
-        from megatron_gpas.checkpoint import find_latest
-
         source = find_latest(path) or path
     else:
         source = path

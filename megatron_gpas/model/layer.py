@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_gpas.config import GPASConfig, NormConfig
+from megatron_gpas.config import Config
 from megatron_gpas.model.gpas import GPASGate, fixed_gate_values
-from megatron_gpas.model.schemes import SCHEMES
+from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.sublayer import ResidualAdd
 
 
@@ -17,9 +17,9 @@ class NormLayer(TransformerLayer):
     parallelism (Megatron adds the stage offset in ``TransformerLayer.__init__``).
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, *, norm: NormConfig,
-                 gpas: GPASConfig, **kwargs):
+    def __init__(self, config, submodules, layer_number: int = 1, *, cfg: Config, **kwargs):
         super().__init__(config, submodules, layer_number, **kwargs)
+        gpas = cfg.gpas
         self.gpas = None
         self.gpas_position = gpas.position
         if gpas.enabled:
@@ -31,8 +31,8 @@ class NormLayer(TransformerLayer):
                 self.gpas.alpha.data.copy_(values.expand_as(self.gpas.alpha))
         self.self_attn_bda = ResidualAdd()
         self.mlp_bda = ResidualAdd()
-        self.scheme = SCHEMES[norm.scheme]
-        self.scheme.configure(self, norm)
+        self.scheme = get_scheme(cfg)
+        self.scheme.configure_layer(self, cfg)
 
     def sublayers(self):
         """(index, norm slot, residual slot) for attention (0) and MLP (1)."""

@@ -1,12 +1,15 @@
 """Declarative Megatron-Core specs for our layers: which module fills which slot.
 
+The scheme (``schemes/``) says which norm module fills each position (attention, MLP,
+final); ``sublayer_norm`` gives it the slot options (deferred, output scale, gates).
+
 Backends:
   local  Megatron-Core's own parallel linears and DotProductAttention + our norms.
          Runs on CPU and GPU.
   te     Transformer Engine GEMMs and fused attention (GPU, BF16/FP8). When the scheme's
-         input norm is a plain pre-norm feeding the GEMM, TE's fused LayerNorm-Linear is
-         used; every other scheme gets the unfused layout (our norm module, TE linears),
-         so FP8 still covers all GEMMs.
+         input norm is a plain RMSNorm/LayerNorm feeding the GEMM, TE's fused LayerNorm-Linear
+         is used (and TENorm for a plain final norm); every other scheme gets the unfused
+         layout (our norm modules, TE linears), so FP8 still covers all GEMMs.
 Checkpoint keys are the same in every layout (the norms are stored under TE's fused
 names, ``...linear_qkv.layer_norm_weight``), so checkpoints move between backends.
 """
@@ -30,9 +33,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from megatron_gpas.config import Config
 from megatron_gpas.model.layer import NormLayer
-from megatron_gpas.model.norms import RMSNorm
-from megatron_gpas.model.schemes import SCHEMES
-from megatron_gpas.model.sublayer import SublayerNorm
+from megatron_gpas.model.schemes import get_scheme
+from megatron_gpas.model.sublayer import sublayer_norm
 
 # Local layout keys -> TE's fused names, so the two layouts share checkpoints.
 NORM_KEYS_AS_FUSED = {
@@ -52,10 +54,16 @@ def transformer_engine_available() -> bool:
         return False
 
 
-def unfused_submodules(column_linear, row_linear, core_attention) -> TransformerLayerSubmodules:
+def norm_spec(cfg: Config, position: str, slot: bool = True) -> ModuleSpec:
+    """The scheme's norm for ``position`` (attention | mlp | final), as a sub-layer slot or plain."""
+    cls, kwargs = get_scheme(cfg).norm_module(cfg, position)
+    return ModuleSpec(module=sublayer_norm(cls) if slot else cls, params=kwargs)
+
+
+def unfused_submodules(cfg: Config, column_linear, row_linear, core_attention) -> TransformerLayerSubmodules:
     """Norm modules of our own in front of each sub-layer, the given GEMM/attention modules."""
     return TransformerLayerSubmodules(
-        input_layernorm=SublayerNorm,
+        input_layernorm=norm_spec(cfg, "attention"),
         self_attention=ModuleSpec(
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
@@ -65,7 +73,7 @@ def unfused_submodules(column_linear, row_linear, core_attention) -> Transformer
             ),
         ),
         self_attn_bda=get_bias_dropout_add,  # replaced by ResidualAdd in NormLayer
-        pre_mlp_layernorm=SublayerNorm,
+        pre_mlp_layernorm=norm_spec(cfg, "mlp"),
         mlp=functools.partial(MLP.as_mlp_submodule,
                               submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
         mlp_bda=get_bias_dropout_add,
@@ -75,8 +83,8 @@ def unfused_submodules(column_linear, row_linear, core_attention) -> Transformer
 
 def layer_submodules(cfg: Config) -> TransformerLayerSubmodules:
     if cfg.model.backend == "local":
-        return unfused_submodules(ColumnParallelLinear, RowParallelLinear, DotProductAttention)
-    if SCHEMES[cfg.norm.scheme].fusable_input_norm(cfg.gpas.position):
+        return unfused_submodules(cfg, ColumnParallelLinear, RowParallelLinear, DotProductAttention)
+    if get_scheme(cfg).fusable_input_norm(cfg):
         # LayerNorm-Linear fused: the input norms live inside linear_qkv / linear_fc1.
         return get_gpt_layer_with_transformer_engine_submodules()
     from megatron.core.extensions.transformer_engine import (
@@ -85,24 +93,21 @@ def layer_submodules(cfg: Config) -> TransformerLayerSubmodules:
         TERowParallelLinear,
     )
 
-    return unfused_submodules(TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
+    return unfused_submodules(cfg, TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention)
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:
-    return ModuleSpec(
-        module=NormLayer,
-        params={"norm": cfg.norm, "gpas": cfg.gpas},
-        submodules=layer_submodules(cfg),
-    )
+    return ModuleSpec(module=NormLayer, params={"cfg": cfg}, submodules=layer_submodules(cfg))
 
 
 def final_norm(cfg: Config):
-    # Every scheme ends with a final RMSNorm, Post-LN and DeepNorm included (methods.md §1.3.7).
-    if cfg.model.backend == "te":
+    """The scheme's final norm (every scheme has one, Post-LN and DeepNorm included,
+    methods.md §1.3.7); TENorm computes it on the te backend when it is a plain (RMS/Layer)Norm."""
+    if cfg.model.backend == "te" and get_scheme(cfg).te_final_norm(cfg):
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TENorm
-    return RMSNorm
+    return norm_spec(cfg, "final", slot=False)
 
 
 def decoder_block_spec(cfg: Config, config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:

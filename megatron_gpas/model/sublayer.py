@@ -14,19 +14,22 @@ working.
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_gpas.model.gpas import GPASGate
-from megatron_gpas.model.norms import RMSNorm
 
 
 class _GateRef:
     """An unregistered reference to the layer's gate (the layer owns it), plus where to apply it."""
 
-    def __init__(self):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # cooperative: the module class that follows in the MRO
         self._gate: tuple[GPASGate | None] = (None,)
         self.gate_position: str | None = None
         self.sublayer = 0  # 0 = attention, 1 = MLP (selects the gate when there is one per sub-layer)
@@ -43,18 +46,18 @@ class _GateRef:
         return gate(x, self.sublayer)
 
 
-class SublayerNorm(RMSNorm, _GateRef):
-    """RMSNorm in front of a sub-layer, with the options the schemes need.
+class SublayerNorm(_GateRef):
+    """The norm slot in front of a sub-layer, mixed into a norm class (``sublayer_norm``),
+    with the options the schemes need:
 
     deferred      Post-LN: pass x through unchanged; ``ResidualAdd`` normalizes after the add.
-    output_scale  LNS (fixed multiplier): RMSNorm(x) · output_scale.
+    output_scale  LNS (fixed multiplier): Norm(x) · output_scale.
     gate positions handled here: ``before_sublayer`` (the residual stream itself is scaled
     before the sub-layer: both the shortcut and the norm input) and ``after_norm``.
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
-        RMSNorm.__init__(self, config, hidden_size, eps)
-        _GateRef.__init__(self)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)  # the gate reference, then the norm class
         self.deferred = False
         self.output_scale = 1.0
 
@@ -70,13 +73,22 @@ class SublayerNorm(RMSNorm, _GateRef):
         return (y, residual) if residual is not x else y
 
     def normalize_after_add(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNorm.forward(self, x)
+        return super().forward(x)
 
 
-class ResidualAdd(nn.Module, _GateRef):
+@functools.cache
+def sublayer_norm(norm_cls: type) -> type:
+    """The slot class for ``norm_cls`` (e.g. ``SublayerRMSNorm``): its parameters keep the norm's
+    own names, so checkpoint keys do not depend on the slot."""
+    return type(f"Sublayer{norm_cls.__name__}", (SublayerNorm, norm_cls), {"__module__": __name__})
+
+
+class ResidualAdd(_GateRef, nn.Module):
     """Drop-in for Megatron's bias-dropout-add: out = shortcut + dropout(branch), and around it
 
-    branch_norm     Sandwich-LN: RMSNorm on the sub-layer output before the add (registered).
+    branch_norm     Sandwich-LN: a norm on the sub-layer output before the add (registered).
+    branch_map      a parameter-free map of the sub-layer output before the add (e.g. the
+                    zero-mean reparameterisation of Pre-(C)RMSNorm's output projections).
     shortcut_scale  DeepNorm's α: the shortcut is scaled before the add.
     post_norm       Post-LN: the layer's deferred SublayerNorm, applied after the add.
     gate positions handled here: ``after_add`` (GPAS on the sum, the paper's Pre-LN placement),
@@ -85,9 +97,9 @@ class ResidualAdd(nn.Module, _GateRef):
     """
 
     def __init__(self):
-        nn.Module.__init__(self)
-        _GateRef.__init__(self)
-        self.branch_norm: RMSNorm | None = None
+        super().__init__()
+        self.branch_norm: nn.Module | None = None
+        self.branch_map: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.shortcut_scale = 1.0
         self._post_norm: tuple[SublayerNorm | None] = (None,)
 
@@ -102,6 +114,8 @@ class ResidualAdd(nn.Module, _GateRef):
             branch, bias = branch_with_bias
             if self.branch_norm is not None:
                 branch, bias = self.branch_norm(branch if bias is None else branch + bias), None
+            if self.branch_map is not None:
+                branch, bias = self.branch_map(branch if bias is None else branch + bias), None
             if self.gate_position == "after_branch":
                 branch, bias = self.gated("after_branch", branch if bias is None else branch + bias), None
             shortcut = self.gated("shortcut", shortcut)

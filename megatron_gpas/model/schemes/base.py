@@ -1,0 +1,207 @@
+"""The ``Scheme`` interface: everything a normalization scheme changes, declared in one place.
+
+A scheme is one object in the registry (``schemes/__init__.py``). The model builder, the
+trainer, the optimizer, the checkpoint code and the exporter only ever call the methods below,
+so adding a scheme is one module plus one registry entry. What a scheme can declare:
+
+  structure   the norm module of each position (attention, MLP, final) and its options;
+              ``configure_layer``: per built layer (global 1-based layer l known) the two slots
+              around each sub-layer (``sublayer.py``: norm slot, residual add), inits, wiring;
+              ``embedding_transform`` / ``head_transform``: modules after the embedding and
+              before the LM head; ``residual_width``: the width of the residual stream
+  training    ``before_step``: periodic buffers (BHyT's c_attn);
+              ``after_optimizer_step``: a projection of parameters after each optimizer step
+              (none of the schemes here needs one yet; nGPT's weight normalisation will)
+  checks      ``validate``: invalid combinations, before any process group;
+              ``architecture``: the effective options a checkpoint must match
+  layout      ``fusable_input_norm`` / ``te_final_norm``: whether Transformer Engine's fused
+              LayerNorm-Linear and TENorm compute this scheme's norms
+  export      ``export_plan``: a stock Llama (with the folds that make it one) or our HF class
+
+Options of a scheme live under ``norm.options`` and are typed by the scheme's ``Options``
+dataclass (unknown keys and wrong types are config errors naming the key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from megatron_gpas.config import Config, ConfigError, NormConfig, parse_section
+from megatron_gpas.model.norms import LayerNorm, RMSNorm
+
+if TYPE_CHECKING:
+    from megatron_gpas.model.layer import NormLayer
+    from megatron_gpas.model.sublayer import ResidualAdd, SublayerNorm
+
+# Where GPAS goes on a pre-norm host (paper Table 4); "after_sublayer" is the paper's default.
+PRE_NORM_GATE_SLOTS = {
+    "after_sublayer": "after_add",  # x' = GPAS(x + f(LN(x)))
+    "before_sublayer": "before_sublayer",  # y = GPAS(x); x' = y + f(LN(y))
+    "after_norm": "after_norm",  # x' = x + f(GPAS(LN(x)))
+    "after_branch": "after_branch",  # x' = x + GPAS(f(LN(x)))
+}
+GATE_POSITIONS = tuple(PRE_NORM_GATE_SLOTS)
+NORM_POSITIONS = ("attention", "mlp", "final")
+NORM_KINDS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+
+
+def pre_norm(layer: "NormLayer", sublayer: int, norm: "SublayerNorm", residual: "ResidualAdd") -> None:
+    """x' = x + f(LN(x)), GPAS where ``gpas.position`` says (default: after the add)."""
+    slot = PRE_NORM_GATE_SLOTS[layer.gpas_position]
+    target = norm if slot in ("before_sublayer", "after_norm") else residual
+    target.attach_gate(layer.gpas, slot, sublayer)
+
+
+def post_norm(layer: "NormLayer", sublayer: int, norm: "SublayerNorm", residual: "ResidualAdd") -> None:
+    """x' = LN(x + f(x)); GPAS on the shortcut only, f sees the unscaled x (paper eqs. 7-8):
+    x' = LN(GPAS(x) + f(x))."""
+    residual.normalize_after_add(norm)
+    residual.attach_gate(layer.gpas, "shortcut", sublayer)
+
+
+@dataclasses.dataclass
+class NoOptions:
+    pass
+
+
+@dataclasses.dataclass
+class ExportPlan:
+    """How ``tools/convert_to_hf.py`` writes a checkpoint of this scheme.
+
+    llama_reason  None: the scheme has an exact stock-``LlamaForCausalLM`` form (after the folds
+                  the exporter applies and checks: GPAS gates, norm factors, centring, merges);
+                  otherwise why it has none (the export uses our HF class).
+    hf_fields     fields of our HF class' config that describe this scheme's computation.
+    """
+
+    llama_reason: str | None
+    hf_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Scheme:
+    name: str = ""
+    summary: str = ""  # the sub-layer equation, for the setup log and the docs
+    Options: type = NoOptions
+    pre_norm_host = True  # GPAS ablation positions are defined for pre-norm hosts only
+    uses_norm_kind = False  # norm.kind chooses this scheme's norm module
+    uses_norm_bias = False  # norm.bias gives its norms a bias
+    default_bias = False  # what norm.bias=None means for such schemes
+
+    # ------------------------------------------------------------------ options
+
+    def options(self, norm: NormConfig):
+        """``norm.options`` as this scheme's typed ``Options``."""
+        return parse_section(self.Options, dict(norm.options), "norm.options")
+
+    def norm_bias(self, norm: NormConfig) -> bool:
+        return self.default_bias if norm.bias is None else norm.bias
+
+    # ------------------------------------------------------------------ structure
+
+    def norm_module(self, cfg: Config, position: str) -> tuple[type, dict]:
+        """(norm class, extra constructor kwargs) for ``position`` (attention | mlp | final;
+        branch for norms a scheme adds itself)."""
+        kind = NORM_KINDS[cfg.norm.kind] if self.uses_norm_kind else RMSNorm
+        return kind, ({"bias": self.norm_bias(cfg.norm)} if self.uses_norm_bias else {})
+
+    def make_norm(self, cfg: Config, position: str, config, width: int | None = None) -> nn.Module:
+        """A norm of ``position`` built outside Megatron's specs (e.g. Sandwich's branch norms)."""
+        cls, kwargs = self.norm_module(cfg, position)
+        return cls(config, width or config.hidden_size, cfg.norm.eps, **kwargs)
+
+    def configure_layer(self, layer: "NormLayer", cfg: Config) -> None:
+        raise NotImplementedError
+
+    def embedding_transform(self, cfg: Config, config) -> nn.Module | None:
+        return None
+
+    def head_transform(self, cfg: Config, config) -> nn.Module | None:
+        return None
+
+    def residual_width(self, cfg: Config) -> int:
+        return cfg.model.hidden_size
+
+    def transformer_config_overrides(self, cfg: Config) -> dict:
+        """Megatron ``TransformerConfig`` fields this scheme sets (e.g. its own init)."""
+        return {}
+
+    # ------------------------------------------------------------------ training
+
+    def before_step(self, model_chunks, step: int, cfg: Config) -> None:
+        """Called by the trainer before every optimizer step ``step`` (0-based) of the run."""
+
+    def after_optimizer_step(self, optimizer, model_chunks) -> None:
+        """Called after every successful optimizer step (a projection of parameters)."""
+
+    # ------------------------------------------------------------------ checks and identity
+
+    def validate(self, cfg: Config) -> None:
+        """Raise ConfigError for combinations this scheme does not support."""
+        opts = self.options(cfg.norm)  # unknown or mistyped options fail here
+        if cfg.norm.kind not in NORM_KINDS:
+            raise ConfigError(f"unknown norm.kind '{cfg.norm.kind}'. Known: {', '.join(NORM_KINDS)}")
+        if not self.uses_norm_kind:
+            if cfg.norm.kind != "rmsnorm":
+                raise ConfigError(f"norm.kind={cfg.norm.kind} chooses the norm of the GPAS paper's hosts; "
+                                  f"norm.scheme={self.name} has its own norm")
+        if not self.uses_norm_bias and cfg.norm.bias is not None:
+            raise ConfigError(f"norm.bias is not an option of norm.scheme={self.name}")
+        self.check(cfg, opts)
+
+    def check(self, cfg: Config, opts) -> None:
+        """The scheme's own checks, with its parsed options."""
+
+    def architecture(self, cfg: Config) -> dict:
+        """The effective norm options that define the network (defaults resolved)."""
+        norm = cfg.norm
+        arch = {"norm.scheme": self.name, "norm.eps": norm.eps}
+        if self.uses_norm_kind:
+            arch["norm.kind"] = norm.kind
+        if self.uses_norm_bias:
+            arch["norm.bias"] = self.norm_bias(norm)
+        for key, value in dataclasses.asdict(self.options(norm)).items():
+            arch[f"norm.options.{key}"] = value
+        return arch
+
+    # ------------------------------------------------------------------ layout
+
+    def fusable_input_norm(self, cfg: Config) -> bool:
+        """Can Transformer Engine fuse the input norms into the following GEMM (LayerNorm-Linear)?"""
+        return False
+
+    def te_final_norm(self, cfg: Config) -> bool:
+        """Is the final norm a plain RMSNorm/LayerNorm that TENorm computes?"""
+        return False
+
+    # ------------------------------------------------------------------ export
+
+    def export_plan(self, cfg: Config) -> ExportPlan:
+        return ExportPlan(llama_reason=f"norm.scheme={self.name} has no stock Llama form")
+
+
+def plain_norm_name(cfg: Config) -> str:
+    return "LayerNorm" if cfg.norm.kind == "layernorm" else "RMSNorm"
+
+
+def xavier_normal_std(fan_in: int, fan_out: int, gain: float) -> float:
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+@torch.no_grad()
+def seeded_orthogonal_(weight: torch.Tensor, seed: int) -> torch.Tensor:
+    """Orthogonal init from a generator of its own: the same values on every rank that holds a
+    replica (TP ranks of a replicated weight) and in every layout."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.empty(weight.shape, dtype=torch.float32)
+    rows, cols = values.shape
+    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
+    q, r = torch.linalg.qr(flat)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # a uniformly random orthogonal matrix
+    values.copy_(q if rows >= cols else q.T)
+    weight.copy_(values.to(weight.device, weight.dtype))
+    return weight
