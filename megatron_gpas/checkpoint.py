@@ -163,9 +163,13 @@ def check_compatible(cfg: Config, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
 
 
-def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True) -> dict:
-    """Load ``path`` into the model (and optimizer/scheduler); returns the train state."""
-    check_compatible(cfg, path)
+def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
+         check_architecture: bool = True) -> dict:
+    """Load ``path`` into the model (and optimizer/scheduler); returns the train state.
+    ``check_architecture=False``: the caller has checked that the tensors mean the same in this
+    model (e.g. a conversion between equivalent schemes)."""
+    if check_architecture:
+        check_compatible(cfg, path)
     if load_optimizer and cfg.parallel.distributed_optimizer and cpu_runtime.is_active():
         raise CheckpointError(
             "resuming the distributed optimizer's state needs a GPU (Megatron reloads it only into "

@@ -81,9 +81,21 @@ def seed_everything(seed: int) -> None:
 
 
 def shutdown(keep_process_group: bool = False) -> None:
+    """Tear down Megatron's groups (and the default group unless ``keep_process_group``).
+
+    ``destroy_model_parallel`` only forgets Megatron's groups; each one still holds its backend
+    (gloo: threads and sockets), so a process that builds many Trainers one after the other (the
+    tests) would accumulate them. Every group but the default one is destroyed here."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized() and not keep_process_group:
+    if not dist.is_initialized():
+        return
+    if keep_process_group:
+        world = dist.GroupMember.WORLD
+        for group in list(dist.distributed_c10d._world.pg_map):
+            if group is not world:
+                dist.destroy_process_group(group)
+    else:
         dist.destroy_process_group()
 
 

@@ -25,6 +25,7 @@ is loaded (so e.g. LNS' 1/√l norm-weight init is still visible).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -179,7 +180,9 @@ def run_dataset(case: dict) -> dict:
 
 def run_save_init(case: dict) -> dict:
     """Save the step-0 checkpoint; options (1 process): ``randomize`` {seed, gates} puts the weights
-    in a regime where every parameter matters (test_model_reference.randomize) before saving;
+    in a regime where every parameter matters (test_model_reference.randomize; with ``every_kind``
+    test_norm_schemes_reference.perturb, ``zero_final_bias`` leaving the final norm without bias)
+    before saving;
     ``probe`` {tokens, greedy_prompt, greedy_steps, out} saves the model's logits on ``tokens``
     and its greedy continuation of ``greedy_prompt`` (no KV cache) to ``out`` (torch.save)."""
     trainer = Trainer(load_config(None, case["overrides"]))
@@ -187,8 +190,13 @@ def run_save_init(case: dict) -> dict:
         if "randomize" in case:
             from megatron.core.utils import unwrap_model
             from test_model_reference import randomize
+            from test_norm_schemes_reference import perturb
 
-            randomize(unwrap_model(trainer.model[0]), case["randomize"]["seed"], case["randomize"]["gates"])
+            options, model = case["randomize"], unwrap_model(trainer.model[0])
+            if options.get("every_kind"):  # norm biases, DyT α, BHyT λ, transforms too
+                perturb(model, options["seed"], options["gates"], zero_final_bias=options.get("zero_final_bias", False))
+            else:
+                randomize(model, options["seed"], options["gates"])
         trainer.save_checkpoint()
         if "probe" in case:
             torch.save(_probe(trainer, case["probe"]), case["probe"]["out"])
@@ -359,6 +367,7 @@ def main(spec_path: str) -> None:
             started = time.perf_counter()
             results["cases"][case["name"]] = KINDS[case["kind"]](case)
             results["cases"][case["name"]]["seconds"] = time.perf_counter() - started
+            gc.collect()  # the case's model and process groups (their gloo threads) go now, not later
             with open(out_path, "w") as f:  # partial results survive a later failure
                 json.dump(results, f)
     except BaseException:

@@ -67,10 +67,26 @@ MODELS = {
     "sandwich_gpas_per_sublayer": (["norm.scheme=sandwich", "gpas.enabled=true", "gpas.per_sublayer=true",
                                     "gpas.activation=identity"], "custom"),
     "pre_gpas_negative_scale": (["gpas.enabled=true"], "custom"),
+    # norm replacements: LayerNorm's centring and biases, OSP's merges fold into a stock Llama;
+    # a final norm bias (no place in Llama's head), DyT and BHyT need our class
+    "pre_ln": (["norm.kind=layernorm"], "custom"),
+    "pre_ln_gpas_final_bias0": (["norm.kind=layernorm", "gpas.enabled=true"], "llama"),
+    "pre_ln_nobias": (["norm.kind=layernorm", "norm.bias=false"], "llama"),
+    "pre_rmsnorm_gpas_nobias": (["norm.scheme=pre_rmsnorm", "gpas.enabled=true", "norm.bias=false"], "llama"),
+    "crmsnorm_gpas": (["norm.scheme=crmsnorm", "gpas.enabled=true"], "custom"),
+    "crmsnorm_final_bias0": (["norm.scheme=crmsnorm"], "llama"),
+    "sandwich_ln_gpas": (["norm.scheme=sandwich", "norm.kind=layernorm", "gpas.enabled=true"], "custom"),
+    "osp": (["norm.scheme=osp"], "llama"),
+    "osp_gpas": (["norm.scheme=osp", "gpas.enabled=true"], "llama"),
+    "dyt_gpas": (["norm.scheme=dyt", "gpas.enabled=true", "norm.options.alpha0=[0.9, 0.6, 0.4]"], "custom"),
+    "bhyt_gpas": (["norm.scheme=bhyt", "gpas.enabled=true"], "custom"),
+    "bhyt_final": (["norm.scheme=bhyt", "norm.options.lambdas=[3.0, 3.0, 2.0]"], "custom"),
+    "bhytstar": (["norm.scheme=bhytstar"], "custom"),
 }
+NEW_SCHEME_MODELS = set(list(MODELS)[list(MODELS).index("pre_ln"):])  # randomized with their own parameter kinds
 LAYOUTS = (["parallel.tensor=2", "parallel.sequence_parallel=true"], ["parallel.pipeline=2"])
 ROUND_TRIPS = {"pre_gpas": LAYOUTS[0], "mixln_gpas": LAYOUTS[1], "sandwich_gpas_per_sublayer": LAYOUTS[0],
-               "lns_gpas": LAYOUTS[1]}
+               "lns_gpas": LAYOUTS[1], "osp_gpas": LAYOUTS[0], "dyt_gpas": LAYOUTS[1], "bhyt_gpas": LAYOUTS[0]}
 
 
 def _overrides(ws: Path, name: str, *extra: str) -> list[str]:
@@ -94,9 +110,12 @@ def references(workspace) -> dict:
     cases = [{"name": "data", "kind": "dataset", "prefix": str(ws / "data" / "synthetic"), "vocab_size": VOCAB}]
     for name in MODELS:
         gates = NEGATIVE_GATES if name == "pre_gpas_negative_scale" else GATES
+        randomize = {"seed": 11, "gates": gates}
+        if name in NEW_SCHEME_MODELS:
+            randomize.update(every_kind=True, zero_final_bias=name.endswith("final_bias0"))
         cases.append({"name": name, "kind": "save_init",
                       "overrides": _overrides(ws, name, f"checkpoint.save='{ws / 'ref' / name}'"),
-                      "randomize": {"seed": 11, "gates": gates},
+                      "randomize": randomize,
                       "probe": {**probe, "out": str(ws / f"{name}_probe.pt")}})
     _launch(ws, "reference", 1, cases, timeout=600)
     return {name: torch.load(ws / f"{name}_probe.pt") for name in MODELS} | {"probe": probe}

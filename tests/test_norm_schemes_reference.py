@@ -233,14 +233,18 @@ def is_scalar(name: str, param) -> bool:
     return param.numel() <= 2 and name.endswith(SCALARS + ("layernorm.weight",))
 
 
-def perturb(model, seed: int) -> None:
-    """Every parameter in a regime where it visibly matters (see the module docstring)."""
+def perturb(model, seed: int, gates=GATES, zero_final_bias: bool = False) -> None:
+    """Every parameter in a regime where it visibly matters (see the module docstring); BHyT's
+    c_attn recomputed from the new weights. ``gates``: (attention, MLP) value per layer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             u = torch.rand(param.shape, generator=g)
             if name.endswith("gpas.alpha"):
-                param.copy_(torch.tensor(GATES[int(name.split(".")[2])][0]).reshape(param.shape))
+                layer = int(name.split(".")[2])
+                param.copy_(torch.tensor(gates[layer], dtype=param.dtype).flatten()[: param.numel()])
+            elif name == "decoder.final_layernorm.bias" and zero_final_bias:
+                param.zero_()
             elif name.endswith(".bias"):
                 param.copy_(0.2 * torch.randn(param.shape, generator=g))
             elif name.endswith(".alpha"):  # DyT: α of 0.3 .. 0.9
@@ -256,6 +260,9 @@ def perturb(model, seed: int) -> None:
             else:
                 assert param.ndim == 2, name
                 param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[1]))
+    for layer in model.decoder.layers:
+        if hasattr(layer.pre_mlp_layernorm, "c_attn"):
+            layer.scheme.refresh(layer, layer.run_cfg)
 
 
 def expected_extra_parameters(case: Case) -> set[str]:

@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 class MegatronGPASConfig(LlamaConfig):
     model_type = "megatron_gpas"
 
-    norm_scheme: str = "pre"  # pre | post | deepnorm | sandwich | mixln | lns
+    norm_scheme: str = "pre"  # post | deepnorm | sandwich | mixln | lns; every other scheme is pre-norm
     mixln_post_layers: int = 0  # Mix-LN: layers 1..k are Post-LN
     lns_mode: str = "init"  # LNS: "fixed" multiplies each norm's output by 1/√l
     gpas: bool = False
@@ -22,3 +22,9 @@ class MegatronGPASConfig(LlamaConfig):
     gpas_position: str = "after_sublayer"  # pre-norm hosts: before_sublayer | after_norm | after_branch
     gpas_per_sublayer: bool = False
     gpas_stop_gradient: bool = True
+    # the norm module (every position unless final_norm_type says otherwise):
+    # rmsnorm | layernorm | dyt (γ⊙tanh(α·x)) | bhyt | bhytstar (γ⊙tanh(λ·x/(κ·rms)))
+    norm_type: str = "rmsnorm"
+    norm_bias: bool = False  # rmsnorm / layernorm with a bias β
+    final_norm_type: str | None = None  # None: norm_type
+    bhyt_kappa: float = 10.0

@@ -14,6 +14,10 @@ scale-invariant for P > 0 (up to ε: RMSNorm(P·g) uses ε/P²), so with P ← P
 i.e. a stock Llama on g whose norm weight is multiplied by norm_k and whose output
 projection (o_proj / down_proj) by branch_k/P. The final RMSNorm absorbs the last P. The fold
 is invalid if any P reaching a norm is ≤ 0 (RMSNorm flips sign; SwiGLU is not odd).
+
+A norm with a bias, N(x) = γ⊙n + β, feeds its consumers W (q, k, v after the attention norm;
+gate, up after the MLP norm) as W·(γ⊙n) + W·β: Llama's RMSNorm keeps γ and the linear layers
+get the biases W·β (``attention_bias`` / ``mlp_bias``; o_proj and down_proj get zero biases).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ import torch
 
 from megatron_gpas.hf.modeling_megatron_gpas import gate_activation
 
-# (norm weight, output projection) of each sub-layer in HF names.
-SUBLAYERS = (("input_layernorm.weight", "self_attn.o_proj.weight"),
-             ("post_attention_layernorm.weight", "mlp.down_proj.weight"))
+# (norm, output projection, consumers of the norm's output) of each sub-layer in HF names.
+SUBLAYERS = (("input_layernorm", "self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ("post_attention_layernorm", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")))
 FACTOR_OF_POSITION = {"before_sublayer": "pre", "after_norm": "norm", "after_branch": "branch",
                       "after_sublayer": "post"}
 
@@ -43,7 +47,7 @@ class FoldPlan:
     norm_factors: list[tuple[float, float]]
     proj_factors: list[tuple[float, float]]
     cumulative_scales: list[float]  # P seen by every norm, in order (2 per layer + the final norm)
-
+    has_biases: bool = False  # the norms have biases: they become linear biases
     @property
     def min_scale(self) -> float:
         return min(self.cumulative_scales)
@@ -85,15 +89,23 @@ def plan_fold(config, gates: torch.Tensor | None) -> FoldPlan:
     scales.append(scale)
     if scale <= 0:
         raise FoldError(f"the cumulative GPAS scale reaching the final norm is {scale:.3g} ≤ 0")
-    return FoldPlan(norm_factors, proj_factors, scales)
+    return FoldPlan(norm_factors, proj_factors, scales, has_biases=bool(getattr(config, "norm_bias", False)))
 
 
 def fold_layer(hf_layer: dict[str, torch.Tensor], plan: FoldPlan, layer: int) -> dict[str, torch.Tensor]:
-    """A layer of our class (HF names) as a stock Llama layer: factors folded, gates dropped."""
+    """A layer of our class (HF names) as a stock Llama layer: factors folded, gates dropped,
+    norm biases turned into the biases of their consumers."""
     out = {k: v for k, v in hf_layer.items() if k != "gpas_alpha"}
-    for sublayer, (norm_key, proj_key) in enumerate(SUBLAYERS):
-        for key, factor in ((norm_key, plan.norm_factors[layer][sublayer]),
-                            (proj_key, plan.proj_factors[layer][sublayer])):
-            if factor != 1.0:
+    for sublayer, (norm, proj, consumers) in enumerate(SUBLAYERS):
+        norm_factor = plan.norm_factors[layer][sublayer]
+        for key, factor in ((f"{norm}.weight", norm_factor), (f"{norm}.bias", norm_factor),
+                            (f"{proj}.weight", plan.proj_factors[layer][sublayer])):
+            if factor != 1.0 and key in out:
                 out[key] = (out[key].double() * factor).to(out[key].dtype)
+        if plan.has_biases:
+            beta = out.pop(f"{norm}.bias").double()
+            for consumer in consumers:
+                weight = out[f"{consumer}.weight"]
+                out[f"{consumer}.bias"] = (weight.double() @ beta).to(weight.dtype)
+            out[f"{proj}.bias"] = torch.zeros(out[f"{proj}.weight"].shape[0], dtype=out[f"{proj}.weight"].dtype)
     return out

@@ -13,11 +13,14 @@ AUTO_MAP = {
 }
 # Fields of our class beyond LlamaConfig, and the run_config entries they come from.
 SCHEME_FIELDS = ("norm_scheme", "mixln_post_layers", "lns_mode", "gpas", "gpas_activation", "gpas_silu_beta",
-                 "gpas_position", "gpas_per_sublayer", "gpas_stop_gradient")
+                 "gpas_position", "gpas_per_sublayer", "gpas_stop_gradient", "norm_type", "norm_bias",
+                 "final_norm_type", "bhyt_kappa")
 
 
-def custom_config(run_config: dict, *, bos_token_id=None, eos_token_id=None, dtype=None) -> MegatronGPASConfig:
-    """Our HF class' config for a run (every field from the run's effective config)."""
+def custom_config(run_config: dict, hf_fields: dict, *, bos_token_id=None, eos_token_id=None,
+                  dtype=None) -> MegatronGPASConfig:
+    """Our HF class' config for a run (every field from the run's effective config; ``hf_fields``:
+    the scheme's description of its norms, from its export plan)."""
     m, n, g = run_config["model"], run_config["norm"], run_config["gpas"]
     heads = m["num_attention_heads"]
     mixln_post = n.get("mixln_post_layers")
@@ -50,16 +53,19 @@ def custom_config(run_config: dict, *, bos_token_id=None, eos_token_id=None, dty
         gpas_position=g["position"],
         gpas_per_sublayer=bool(g["per_sublayer"]),
         gpas_stop_gradient=bool(g["stop_gradient"]),
+        **hf_fields,
     )
 
 
-def llama_config(config: MegatronGPASConfig):
-    """The stock LlamaConfig with the same shape (for native exports)."""
+def llama_config(config: MegatronGPASConfig, biases: bool = False):
+    """The stock LlamaConfig with the same shape (for native exports); ``biases``: the attention and
+    MLP linears have biases (a norm's bias folded into its consumers)."""
     from transformers import LlamaConfig
 
     fields = {k: v for k, v in config.to_dict().items() if k not in SCHEME_FIELDS}
     for key in ("model_type", "architectures", "auto_map", "transformers_version"):
         fields.pop(key, None)
+    fields.update(attention_bias=biases, mlp_bias=biases)
     return LlamaConfig(**fields)
 
 

@@ -22,6 +22,7 @@ from megatron_gpas.hf.hf_config import SCHEME_FIELDS, attention_shape
 from megatron_gpas.hf.mapping import (
     FC1,
     GLOBAL_TENSORS,
+    TRANSFORM_TENSORS,
     VOCAB_TENSORS,
     hf_layer_prefix,
     layer_from_hf,
@@ -108,11 +109,12 @@ def run_tree_from_hf(hf_dir: str) -> dict:
         tree["norm"].update(mixln_post_layers=c.get("mixln_post_layers"), lns_mode=c.get("lns_mode", "init"))
         tree["gpas"] = {**tree.get("gpas", {}), "enabled": c.get("gpas", False),
                         **{k.removeprefix("gpas_"): c[k] for k in SCHEME_FIELDS if k.startswith("gpas_") and k in c}}
-    else:  # a stock Llama (native exports of GPAS models have their gates folded in)
+    else:  # a stock Llama (native exports have gates, transforms and norm scalars folded in)
         tree["gpas"] = {**tree.get("gpas", {}), "enabled": False}
         if tree["norm"].get("lns_mode") == "fixed":
             tree["norm"]["lns_mode"] = "init"
-        tree["norm"]["scheme"] = "pre" if tree["norm"]["scheme"] != "lns" else "lns"
+        tree["norm"].update(scheme="lns" if tree["norm"]["scheme"] == "lns" else "pre", kind="rmsnorm", bias=None,
+                            options={})
     tree["_tie_word_embeddings"] = bool(c.get("tie_word_embeddings", False))
     tree["_model_type"] = model_type
     return tree
@@ -141,12 +143,23 @@ def _tensor_parallel_shard(full: torch.Tensor, param: torch.Tensor, key: str) ->
 
 
 def _copy(param: torch.Tensor, full: torch.Tensor, key: str, where: str) -> None:
+    if param.numel() == 1 and full.numel() > 1:  # a single-scale norm exported as one weight per channel
+        if not torch.all(full == full.reshape(-1)[0]):
+            raise HFImportError(f"{where}: the model has one scale here, the Hugging Face tensor varies per channel")
+        full = full.reshape(-1)[:1]
     shard = _tensor_parallel_shard(full, param, key)
     if shard.shape != param.shape:
         raise HFImportError(f"{where}: the Hugging Face tensor gives a shard of shape {tuple(shard.shape)}, "
                            f"the model expects {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(shard.to(param.dtype))
+
+
+def _persistent_buffers(module) -> list[tuple[str, torch.Tensor]]:
+    """Buffers saved with the model (e.g. BHyT's c_attn)."""
+    return [(name, buffer) for name, buffer in module.named_buffers()
+            if name.rsplit(".", 1)[-1] not in getattr(module.get_submodule(name.rpartition(".")[0]),
+                                                     "_non_persistent_buffers_set", ())]
 
 
 def load_hf_weights(model_chunks, weights: SafetensorsDirectory, hf_config, padded_vocab: int,
@@ -166,7 +179,7 @@ def load_hf_weights(model_chunks, weights: SafetensorsDirectory, hf_config, padd
             prefix = hf_layer_prefix(index)
             hf = {name[len(prefix):]: weights.get(name) for name in weights.names() if name.startswith(prefix)}
             megatron = layer_from_hf(hf, shape)
-            for name, param in layer.named_parameters():
+            for name, param in (*layer.named_parameters(), *_persistent_buffers(layer)):
                 in_layers.add(id(param))
                 key = name
                 for local, fused in NORM_KEYS_AS_FUSED.items():
@@ -177,6 +190,12 @@ def load_hf_weights(model_chunks, weights: SafetensorsDirectory, hf_config, padd
                 count += 1
         for name, param in module.named_parameters():
             if id(param) in in_layers:
+                continue
+            if name in TRANSFORM_TENSORS:
+                # exports merge the embedding/head transforms into the tables: identity here
+                with torch.no_grad():
+                    param.copy_(torch.eye(param.shape[0]) if param.ndim == 2 else torch.ones_like(param))
+                count += 1
                 continue
             hf_name = GLOBAL_TENSORS.get(name)
             if hf_name is None:

@@ -2,8 +2,10 @@
 
 Megatron side: global (unsharded) tensors of one layer, keyed by the suffix after
 ``decoder.layers.`` (dist-checkpoint keys, identical for the local and TE backends), plus the
-three non-layer tensors. HF side: ``model.layers.{i}.<suffix>`` of ``LlamaForCausalLM`` and of
-our ``MegatronGPASForCausalLM`` (which adds ``gpas_alpha`` and Sandwich's branch norms).
+non-layer tensors. HF side: ``model.layers.{i}.<suffix>`` of ``LlamaForCausalLM`` and of
+our ``MegatronGPASForCausalLM`` (which adds ``gpas_alpha``, Sandwich's branch norms, norm biases,
+DyT's α, BHyT's λ and c_attn). The embedding and head transforms of a scheme (a d×d projection
+or a scalar) are folded into the embedding / head table at export (``fold_transforms``).
 
 Layouts that are not a rename:
   linear_qkv  per query group g: [q heads of g ..., k_g, v_g] rows   <->  q_proj, k_proj, v_proj
@@ -29,18 +31,44 @@ RENAMED_LAYER_TENSORS = {
     "gpas.alpha": "gpas_alpha",
     "self_attn_bda.branch_norm.weight": "attn_output_norm.weight",
     "mlp_bda.branch_norm.weight": "mlp_output_norm.weight",
+    "self_attn_bda.branch_norm.bias": "attn_output_norm.bias",
+    "mlp_bda.branch_norm.bias": "mlp_output_norm.bias",
 }
+# The norms' other tensors keep their own name after the norm's HF name.
+NORM_SLOTS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
+              "mlp.linear_fc1.layer_norm_": "post_attention_layernorm."}
+NORM_TENSORS = ("bias", "alpha", "lam", "c_attn")  # RMSNorm/LayerNorm bias, DyT α, BHyT λ and c_attn
+RENAMED_LAYER_TENSORS.update({megatron + name: hf + name for megatron, hf in NORM_SLOTS.items()
+                              for name in NORM_TENSORS})
 QKV = "self_attention.linear_qkv.weight"
 FC1 = "mlp.linear_fc1.weight"
 LAYER_TENSORS = (*RENAMED_LAYER_TENSORS, QKV, FC1)
 
-# Megatron key -> HF key, outside the layers (the vocabulary dimension is dim 0 for both).
+# Megatron key -> HF key, outside the layers (the vocabulary dimension is dim 0 for both), in
+# HF order; the final norm's optional tensors are written when the checkpoint has them.
 GLOBAL_TENSORS = {
     "embedding.word_embeddings.weight": "model.embed_tokens.weight",
     "decoder.final_layernorm.weight": "model.norm.weight",
+    **{f"decoder.final_layernorm.{name}": f"model.norm.{name}" for name in NORM_TENSORS},
     "output_layer.weight": "lm_head.weight",
 }
 VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+# Scheme transforms around the embedding and the LM head, folded into their tables at export.
+EMBEDDING_PROJECTION, EMBEDDING_SCALE = "embedding_transform.weight", "embedding_transform.scale"
+HEAD_PROJECTION = "head_transform.weight"
+TRANSFORM_TENSORS = (EMBEDDING_PROJECTION, EMBEDDING_SCALE, HEAD_PROJECTION)
+
+
+def fold_transforms(embedding: torch.Tensor, head: torch.Tensor, transforms: dict[str, torch.Tensor]):
+    """(embedding, head) tables that compute the transforms themselves (float64 in, float64 out):
+    x_0 = R₁·E[t] is (E·R₁ᵀ)[t];  s·E[t] is (s·E)[t];  W·(R₂·h) is (W·R₂)·h."""
+    if EMBEDDING_PROJECTION in transforms:
+        embedding = embedding @ transforms[EMBEDDING_PROJECTION].T
+    if EMBEDDING_SCALE in transforms:
+        embedding = embedding * transforms[EMBEDDING_SCALE].reshape(())
+    if HEAD_PROJECTION in transforms:
+        head = head @ transforms[HEAD_PROJECTION]
+    return embedding, head
 
 
 def hf_layer_prefix(layer: int) -> str:
@@ -65,6 +93,9 @@ def layer_to_hf(megatron: dict[str, torch.Tensor], shape: AttentionShape) -> dic
     hf = {RENAMED_LAYER_TENSORS[k]: v for k, v in megatron.items() if k in RENAMED_LAYER_TENSORS}
     if "gpas_alpha" in hf:
         hf["gpas_alpha"] = hf["gpas_alpha"].reshape(-1)  # [1] or [2] (one per sub-layer)
+    for key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+        if hf[key].numel() == 1:  # a single-scale norm (OSP's SSNorm): the same weight on every channel
+            hf[key] = hf[key].expand(shape.hidden)
     s = shape
     qkv = megatron[QKV].view(s.groups, s.q_per_group + 2, s.head_dim, s.hidden)
     hf["self_attn.q_proj.weight"] = qkv[:, : s.q_per_group].reshape(s.heads * s.head_dim, s.hidden)

@@ -13,8 +13,17 @@ attention backends and generation work as for Llama) through one residual block;
     G(y) = y − act(α)·stopgrad(y);  pre-norm hosts may place G before the sub-layer
     (y = G(x); x' = y + f(LN(y))), after the norm (f(G(LN(x)))) or after the branch (G(f(...)))
 
-All models end with the final RMSNorm and an untied LM head. Depends only on torch and
-transformers (≥ 5).
+Every other scheme (OSP, DyT, BHyT, Pre-(C)RMSNorm) is a pre-norm host; its norm module is
+``norm_type`` (the exporter folds embedding/head transforms and centring into the weights):
+
+    rmsnorm    γ ⊙ x / sqrt(mean(x²) + ε) (+ β)        layernorm  γ ⊙ (x − μ)/sqrt(var + ε) (+ β)
+    dyt        γ ⊙ tanh(α·x)
+    bhyt       γ ⊙ tanh(λ·x / (κ·sqrt(m + ε))): m = mean(x²) in front of the attention, and
+               (1 − act(α))²·(mean(x²) + c_attn·λ₁²/κ²) of the layer input x in front of the MLP
+    bhytstar   the same with m = mean(x²) of the norm's own input everywhere
+
+All models end with the final norm (``final_norm_type``, default ``norm_type``) and an untied LM
+head. Depends only on torch and transformers (≥ 5).
 """
 
 from __future__ import annotations
@@ -31,7 +40,6 @@ from transformers.models.llama.modeling_llama import (
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
-    LlamaRMSNorm,
     LlamaRotaryEmbedding,
 )
 
@@ -54,6 +62,69 @@ def gate_activation(name: str, alpha: torch.Tensor, silu_beta: float) -> torch.T
     raise ValueError(f"unknown GPAS activation {name!r}")
 
 
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size)) if bias else None
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, mean_square=None) -> torch.Tensor:
+        y = self.weight * self.normalize(x)
+        return y if self.bias is None else y + self.bias
+
+
+class LayerNorm(RMSNorm):
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x.float() - x.float().mean(-1, keepdim=True)
+        return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class DynamicTanh(nn.Module):
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.alpha = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor, mean_square=None) -> torch.Tensor:
+        return self.weight * torch.tanh(self.alpha.float() * x.float()).to(x.dtype)
+
+
+class BoundedTanh(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, kappa: float, estimated: bool = False):
+        super().__init__()
+        self.eps, self.kappa = eps, kappa
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.lam = nn.Parameter(torch.ones(1))
+        if estimated:  # BHyT's post-attention norm: c_attn of its layer (computed in training)
+            self.register_buffer("c_attn", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, mean_square=None) -> torch.Tensor:
+        x32 = x.float()
+        if mean_square is None:
+            mean_square = x32.pow(2).mean(-1, keepdim=True)
+        r = torch.rsqrt(mean_square + self.eps) / self.kappa
+        return self.weight * torch.tanh(self.lam.float() * r * x32).to(x.dtype)
+
+
+def make_norm(config: MegatronGPASConfig, position: str) -> nn.Module:
+    """The norm of ``position`` (attention | mlp | final | branch)."""
+    kind = config.final_norm_type if position == "final" and config.final_norm_type else config.norm_type
+    if kind in ("rmsnorm", "layernorm"):
+        return (LayerNorm if kind == "layernorm" else RMSNorm)(config.hidden_size, config.rms_norm_eps,
+                                                             config.norm_bias)
+    if kind == "dyt":
+        return DynamicTanh(config.hidden_size)
+    if kind in ("bhyt", "bhytstar"):
+        estimated = kind == "bhyt" and position == "mlp"
+        return BoundedTanh(config.hidden_size, config.rms_norm_eps, config.bhyt_kappa, estimated)
+    raise ValueError(f"unknown norm_type {kind!r}")
+
+
 class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MegatronGPASConfig, layer_idx: int):
         super().__init__()
@@ -62,12 +133,13 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         scheme = config.norm_scheme
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = make_norm(config, "attention")
+        self.post_attention_layernorm = make_norm(config, "mlp")
         # Sandwich-LN: a norm on each sub-layer's output before the add.
         sandwich = scheme == "sandwich"
-        self.attn_output_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if sandwich else None
-        self.mlp_output_norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if sandwich else None
+        self.attn_output_norm = make_norm(config, "branch") if sandwich else None
+        self.mlp_output_norm = make_norm(config, "branch") if sandwich else None
+        self.estimated_statistics = config.norm_type == "bhyt"  # BHyT's post-attention norm
 
         self.post_norm = scheme in ("post", "deepnorm") or (scheme == "mixln" and layer_number <= config.mixln_post_layers)
         self.shortcut_scale = (2 * config.num_hidden_layers) ** 0.25 if scheme == "deepnorm" else 1.0
@@ -83,12 +155,12 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         a = gate_activation(self.config.gpas_activation, alpha, self.config.gpas_silu_beta).to(x.dtype)
         return x - a * (x.detach() if self.config.gpas_stop_gradient else x)
 
-    def residual_block(self, x, norm, sublayer_fn, branch_norm, sublayer: int) -> torch.Tensor:
+    def residual_block(self, x, norm, sublayer_fn, branch_norm, sublayer: int, mean_square=None) -> torch.Tensor:
         if self.post_norm:
             shortcut = self.gate(x, sublayer, "shortcut") * self.shortcut_scale
             return norm(shortcut + sublayer_fn(x))
         x = self.gate(x, sublayer, "before_sublayer")
-        y = norm(x)
+        y = norm(x, mean_square)
         if self.norm_output_scale != 1.0:
             y = y * self.norm_output_scale
         y = sublayer_fn(self.gate(y, sublayer, "after_norm"))
@@ -104,8 +176,22 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)[0]
 
+        estimate = self.post_attention_estimate(hidden_states) if self.estimated_statistics else None
         hidden_states = self.residual_block(hidden_states, self.input_layernorm, attention, self.attn_output_norm, 0)
-        return self.residual_block(hidden_states, self.post_attention_layernorm, self.mlp, self.mlp_output_norm, 1)
+        return self.residual_block(hidden_states, self.post_attention_layernorm, self.mlp, self.mlp_output_norm, 1,
+                                   estimate)
+
+    def post_attention_estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """BHyT: mean(h²) of the MLP norm's input h estimated from the layer input x."""
+        x = self.gate(x, 0, "before_sublayer")
+        lam = self.input_layernorm.lam.float()
+        estimate = x.float().pow(2).mean(-1, keepdim=True) + self.post_attention_layernorm.c_attn * lam.square() \
+            / self.input_layernorm.kappa ** 2
+        if self.gpas_alpha is not None and self.gate_position == "after_sublayer":
+            alpha = self.gpas_alpha[0]
+            scale = 1.0 - gate_activation(self.config.gpas_activation, alpha.float(), self.config.gpas_silu_beta)
+            estimate = estimate * scale.square()
+        return estimate
 
 
 class MegatronGPASPreTrainedModel(LlamaPreTrainedModel):
@@ -131,7 +217,7 @@ class MegatronGPASModel(MegatronGPASPreTrainedModel, LlamaModel):
         self.layers = nn.ModuleList(
             [MegatronGPASDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = make_norm(config, "final")
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.post_init()

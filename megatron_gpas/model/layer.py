@@ -31,6 +31,7 @@ class NormLayer(TransformerLayer):
                 self.gpas.alpha.data.copy_(values.expand_as(self.gpas.alpha))
         self.self_attn_bda = ResidualAdd()
         self.mlp_bda = ResidualAdd()
+        self.run_cfg = cfg  # the run's config, for the scheme's later work on this layer (e.g. buffers)
         self.scheme = get_scheme(cfg)
         self.scheme.configure_layer(self, cfg)
 

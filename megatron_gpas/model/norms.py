@@ -1,7 +1,8 @@
 """Normalization modules: one class per norm, each reading like its equation.
 
 Megatron builds them as ``Norm(config=, hidden_size=, eps=)`` (plus the keyword options a
-scheme's ``ModuleSpec`` adds). Statistics are computed in fp32 and every parameter is tagged
+scheme's ``ModuleSpec`` adds). Statistics are computed in fp32 (float64 for float64 inputs, as
+in the equivalence checks) and every parameter is tagged
 for the sequence-parallel gradient all-reduce (``mark_sequence_parallel``), so each norm is
 correct under TP+SP. The tensors entering a norm are ``[s, b, width]``; only the last axis is
 reduced, so sequence parallelism (a split of ``s``) needs no communication here.
@@ -22,6 +23,11 @@ import torch
 from torch import nn
 
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+def stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for 16-bit activations, the input's own precision above that (float64 checks)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 def mark_sequence_parallel(module: nn.Module, config: TransformerConfig) -> None:
@@ -48,7 +54,7 @@ class RMSNorm(nn.Module):
         mark_sequence_parallel(self, config)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(stats_dtype(x))
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +69,8 @@ class LayerNorm(RMSNorm):
         super().__init__(config, hidden_size, eps, bias)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        centred = x.float() - x.float().mean(-1, keepdim=True)
+        x32 = x.to(stats_dtype(x))
+        centred = x32 - x32.mean(-1, keepdim=True)
         return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
@@ -86,7 +93,7 @@ class CompressedRMSNorm(RMSNorm):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] + 1
-        x32 = x.float()
+        x32 = x.to(stats_dtype(x))
         total = x32.sum(-1, keepdim=True)
         mean_square = (x32.pow(2).sum(-1, keepdim=True) + total.pow(2)) / d
         n = x32 * torch.rsqrt(mean_square + self.eps)
@@ -104,7 +111,8 @@ class DynamicTanh(nn.Module):
         mark_sequence_parallel(self, config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * torch.tanh(self.alpha.float() * x.float()).to(x.dtype)
+        dtype = stats_dtype(x)
+        return self.weight * torch.tanh(self.alpha.to(dtype) * x.to(dtype)).to(x.dtype)
 
 
 class BoundedTanh(nn.Module):
@@ -131,7 +139,7 @@ class BoundedTanh(nn.Module):
         self.last_mean_square: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(stats_dtype(x))
         if self.mean_square_estimate is not None:
             mean_square = self.mean_square_estimate()
         else:
@@ -139,4 +147,4 @@ class BoundedTanh(nn.Module):
             if self.record_mean_square:
                 self.last_mean_square = mean_square
         r = torch.rsqrt(mean_square + self.eps) / self.kappa
-        return self.weight * torch.tanh(self.lam.float() * r * x32).to(x.dtype)
+        return self.weight * torch.tanh(self.lam.to(x32.dtype) * r * x32).to(x.dtype)

@@ -74,13 +74,19 @@ class ExportPlan:
     """How ``tools/convert_to_hf.py`` writes a checkpoint of this scheme.
 
     llama_reason  None: the scheme has an exact stock-``LlamaForCausalLM`` form (after the folds
-                  the exporter applies and checks: GPAS gates, norm factors, centring, merges);
-                  otherwise why it has none (the export uses our HF class).
-    hf_fields     fields of our HF class' config that describe this scheme's computation.
+                  the exporter applies and checks: GPAS gates, norm factors, norm biases into
+                  linear biases, transforms merged into the embedding and head); otherwise why
+                  it has none (the export uses our HF class).
+    hf_fields     fields of our HF class' config that describe this scheme's norms.
+    centre_residual_writes  the network is blind to the mean of its residual stream (LayerNorm
+                  before every read) or trained with that mean removed (Pre-(C)RMSNorm): the
+                  exporter writes the embedding and output projections centred, so RMSNorm
+                  computes LayerNorm exactly.
     """
 
     llama_reason: str | None
     hf_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    centre_residual_writes: bool = False
 
 
 class Scheme:

@@ -143,8 +143,10 @@ class BHyT(Scheme):
         return self.options(cfg.norm).lambdas[2] == 0
 
     def export_plan(self, cfg) -> ExportPlan:
+        opts = self.options(cfg.norm)
         return ExportPlan(llama_reason="BHyT replaces the norms by γ⊙tanh(λ·x/(κ·rms)), which no stock Llama computes",
-                          hf_fields={"norm_type": self.name})
+                          hf_fields={"norm_type": self.name, "bhyt_kappa": opts.kappa,
+                                     "final_norm_type": "rmsnorm" if opts.lambdas[2] == 0 else "bhytstar"})
 
 
 BHYT_SCHEMES = (BHyT("bhyt", exact=False), BHyT("bhytstar", exact=True))

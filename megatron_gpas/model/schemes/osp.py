@@ -71,7 +71,7 @@ class OSP(Scheme):
         return not self.options(cfg.norm).single_scale
 
     def export_plan(self, cfg) -> ExportPlan:
-        return ExportPlan(llama_reason=None)  # SSNorm → per-channel weight, R₁/R₂ merged
+        return ExportPlan(llama_reason=None, hf_fields={"norm_type": "rmsnorm"})  # g → per-channel, R₁/R₂ merged
 
 
 OSP_SCHEMES = (OSP(),)

@@ -31,7 +31,10 @@ class PaperHost(Scheme):
         return cfg.norm.kind == "layernorm" or not self.norm_bias(cfg.norm)
 
     def export_plan(self, cfg) -> ExportPlan:
-        return ExportPlan(llama_reason=self.no_llama_reason)
+        layernorm = cfg.norm.kind == "layernorm"
+        return ExportPlan(llama_reason=self.no_llama_reason,
+                          hf_fields={"norm_type": cfg.norm.kind, "norm_bias": self.norm_bias(cfg.norm)},
+                          centre_residual_writes=layernorm and self.pre_norm_host)
 
     no_llama_reason: str | None = None
 

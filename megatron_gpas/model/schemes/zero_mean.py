@@ -28,7 +28,7 @@ from megatron_gpas.model.schemes.base import PRE_NORM_GATE_SLOTS, ExportPlan, Sc
 
 def centred(x: torch.Tensor) -> torch.Tensor:
     """x − mean(x) over the hidden axis (the zero-mean reparameterisation of x's producer)."""
-    return x - x.float().mean(-1, keepdim=True).to(x.dtype)
+    return x - x.to(torch.promote_types(x.dtype, torch.float32)).mean(-1, keepdim=True).to(x.dtype)
 
 
 def centred_compressed(x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,12 @@ class ZeroMeanResidual(Scheme):
     def embedding_transform(self, cfg, config):
         return ResidualWriteMap(self.residual_map)
 
+    def export_plan(self, cfg) -> ExportPlan:
+        # centred weights make the stream zero-mean in d dimensions: RMSNorm(γ, β) of the full
+        # vector is then what both schemes compute, and γ, β are the same parameters
+        return ExportPlan(llama_reason=None, hf_fields={"norm_type": "rmsnorm", "norm_bias": self.norm_bias(cfg.norm)},
+                          centre_residual_writes=True)
+
 
 class PreRMSNorm(ZeroMeanResidual):
     """Pre-RMSNorm (§3.1, §3.3): Pre-LN with a zero-mean residual stream and RMSNorm(γ, β)."""
@@ -77,9 +83,6 @@ class PreRMSNorm(ZeroMeanResidual):
     def fusable_input_norm(self, cfg) -> bool:
         return self.te_final_norm(cfg) and PRE_NORM_GATE_SLOTS[cfg.gpas.position] in ("after_add", "after_branch")
 
-    def export_plan(self, cfg) -> ExportPlan:
-        return ExportPlan(llama_reason=None)
-
 
 class PreCRMSNorm(ZeroMeanResidual):
     """Pre-CRMSNorm (§3.2, §3.3): the zero-mean residual stream stored in d−1 dimensions."""
@@ -92,8 +95,21 @@ class PreCRMSNorm(ZeroMeanResidual):
     def residual_width(self, cfg) -> int:
         return cfg.model.hidden_size - 1
 
-    def export_plan(self, cfg) -> ExportPlan:
-        return ExportPlan(llama_reason=None)  # the same parameters as Pre-RMSNorm
-
 
 ZERO_MEAN_SCHEMES = (PreRMSNorm(), PreCRMSNorm())
+
+# The three equivalent forms (tools/convert_norm.py): name -> the norm section that gives it.
+# Their parameters are the same tensors: a conversion only changes the scheme.
+EQUIVALENT_FORMS = {
+    "pre_layernorm": {"scheme": "pre", "kind": "layernorm"},
+    "pre_rmsnorm": {"scheme": "pre_rmsnorm", "kind": "rmsnorm"},
+    "crmsnorm": {"scheme": "crmsnorm", "kind": "rmsnorm"},
+}
+
+
+def equivalent_form(norm) -> str | None:
+    """Which of ``EQUIVALENT_FORMS`` a norm config is (None: none of them)."""
+    for name, form in EQUIVALENT_FORMS.items():
+        if norm.scheme == form["scheme"] and norm.kind == form["kind"]:
+            return name
+    return None

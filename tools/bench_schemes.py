@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+r"""Step time of each normalization scheme (± GPAS) relative to Pre-LN, measured in one process.
+
+    python tools/bench_schemes.py --quick                          # CPU: a small model, a few rounds
+    python tools/bench_schemes.py --preset 1b --seq-length 2048    # one GPU, BF16
+    python tools/bench_schemes.py --schemes pre osp dyt --gpas off --output bench.json
+
+Every variant is built once (same shape, same random batches), then timed in interleaved rounds:
+each round runs ``--steps`` training steps (forward + backward + gradient finalization + clip +
+optimizer step, as the trainer does them) of every variant in turn, so slow drifts of the machine
+(clock, other load) hit all variants alike. Reported per variant: the median step time over the
+rounds, its ratio to the Pre-LN (RMSNorm, no GPAS) median with the spread of the per-round
+ratios (min–max), tokens/s, MFU on a GPU (Megatron's formula, metrics.flops_per_token, against
+the dense BF16 peak) and peak memory (GPU: max allocated; CPU: the process's peak RSS, which only
+grows, so it is reported once). The first ``--warmup`` steps of each variant are not timed.
+
+A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam) and/or
+``@layernorm`` (norm.kind=layernorm), e.g. ``osp+muon``; ``--gpas both`` adds each one with GPAS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+
+# The papers' published step-time overheads vs their baselines (targets.md).
+CLAIMS = {"osp+muon": "+2% (OSP, Muon and EmbProj)", "dyt": "−8% eager / 0% compiled (DyT)",
+          "crmsnorm": "−1…−10% vs Pre-LN (Pre-CRMSNorm)", "pre_rmsnorm": "−1…−10% vs Pre-LN (Pre-RMSNorm)",
+          "bhyt": "−15.8% (v1) / −1.6% (v3) vs RMSNorm (BHyT)"}
+DEFAULT_VARIANTS = ("pre", "pre@layernorm", "pre_rmsnorm", "crmsnorm", "osp", "osp+muon", "dyt", "bhyt", "bhytstar")
+
+
+def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
+    name, _, kind = variant.partition("@")
+    scheme, _, optimizer = name.partition("+")
+    out = [f"norm.scheme={scheme}", f"gpas.enabled={str(gpas).lower()}"]
+    if kind:
+        out.append(f"norm.kind={kind}")
+    if optimizer:
+        out.append(f"optim.optimizer={optimizer}")
+    if scheme == "dyt":
+        out.append("norm.options.alpha0=[1.0, 1.0, 1.0]" if hidden < 2048 else "norm.options.alpha0=[1.0, 0.5, 0.5]")
+    return out
+
+
+class Variant:
+    """One model + optimizer + step function, built under the shared (world of 1) process groups."""
+
+    def __init__(self, name: str, cfg, on_cpu: bool, bf16: bool):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.transformer.module import Float16Module
+
+        from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
+        from megatron_gpas.model.schemes import get_scheme
+        from megatron_gpas.optim import build_optimizer
+
+        self.name, self.cfg = name, cfg
+        config = transformer_config(cfg, bf16=bf16, on_cpu=on_cpu)
+        chunks = build_model_chunks(cfg, config)
+        if not on_cpu:
+            chunks = [chunk.cuda() for chunk in chunks]
+        if bf16:
+            chunks = [Float16Module(config, chunk) for chunk in chunks]
+        config = schedule_config(cfg, config)
+        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
+        self.model = [DistributedDataParallel(config, ddp, chunk) for chunk in chunks]
+        self.optimizer, _ = build_optimizer(cfg, self.model, bf16=bf16)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+        self.scheme = get_scheme(cfg)
+        self.step_index = 0
+        self.times: list[list[float]] = []
+
+    def step(self, batches) -> None:
+        from megatron_gpas.optim import clipped_step
+
+        self.scheme.before_step(self.model, self.step_index, self.cfg)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        t = self.cfg.train
+        self.forward_backward(forward_step_func=_forward_step, data_iterator=iter(batches), model=self.model[0],
+                              num_microbatches=len(batches), seq_length=t.seq_length,
+                              micro_batch_size=t.micro_batch_size, forward_only=False)
+        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad)
+        if result.updated:
+            self.scheme.after_optimizer_step(self.optimizer, self.model)
+        self.step_index += 1
+
+
+def _forward_step(data_iterator, model):
+    tokens, labels, positions = next(data_iterator)
+    per_token = model(tokens, positions, None, labels=labels)
+
+    def loss(output):
+        total = output.float().sum()
+        return total, torch.tensor(output.numel(), device=output.device, dtype=torch.int), {"lm loss": total.detach()}
+
+    return per_token, loss
+
+
+def _synchronize():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="CPU-sized: 4 layers, hidden 256, seq 128, 3 rounds")
+    p.add_argument("--preset", default=None, help="model.preset (default: 1b on GPU, a small model with --quick)")
+    p.add_argument("--seq-length", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--schemes", nargs="+", default=list(DEFAULT_VARIANTS), metavar="VARIANT")
+    p.add_argument("--gpas", choices=("off", "on", "both"), default="both")
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--output", help="write the results as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every variant")
+    args = p.parse_args(argv)
+
+    from megatron_gpas import distributed
+    from megatron_gpas.config import load_config
+    from megatron_gpas.metrics import flops_per_token, peak_flops_per_gpu
+    from megatron_gpas.validation import validate
+
+    on_cpu = not torch.cuda.is_available()
+    quick = args.quick or on_cpu
+    preset = args.preset or ("tiny" if quick else "1b")
+    seq = args.seq_length or (128 if quick else 2048)
+    mbs = args.micro_batch_size or (4 if quick else 4)
+    rounds = args.rounds or (3 if quick else 5)
+    steps = args.steps or (3 if quick else 10)
+    shape = ["model.hidden_size=256", "model.ffn_hidden_size=688", "model.num_attention_heads=8"] \
+        if quick and preset == "tiny" else []
+    base = [f"model.preset={preset}", *shape, f"train.seq_length={seq}", f"train.micro_batch_size={mbs}",
+            f"train.global_batch_size={mbs * args.micro_batches}", "train.steps=1000000", "optim.lr=1e-4",
+            "data.tokenizer.kind=null", *args.overrides]
+    gpas_modes = {"off": [False], "on": [True], "both": [False, True]}[args.gpas]
+    names = [("pre", False)] + [(v, g) for v in args.schemes for g in gpas_modes if (v, g) != ("pre", False)]
+
+    configs = {}
+    for variant, gpas in names:
+        cfg = load_config(None, [*base, *variant_overrides(variant, gpas, 256 if quick else 2048)])
+        cfg.data.tokenizer.vocab_size = cfg.model.vocab_size
+        validate(cfg, world_size=1, check_files=False, require_data=False)
+        configs[f"{variant}{'+gpas' if gpas else ''}"] = cfg
+    first = next(iter(configs.values()))
+    bf16 = not on_cpu
+    device = distributed.init_distributed(first)
+    try:
+        variants = [Variant(name, cfg, on_cpu, bf16) for name, cfg in configs.items()]
+        g = torch.Generator().manual_seed(0)
+        vocab = first.model.vocab_size
+        batches = []
+        for _ in range(args.micro_batches):
+            tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+            positions = torch.arange(seq).unsqueeze(0).expand(mbs, seq)
+            batches.append(tuple(t.to(device) for t in (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(),
+                                                       positions.contiguous())))
+        tokens_per_step = mbs * args.micro_batches * seq
+        print(f"[bench] {len(variants)} variants, preset {preset}, seq {seq}, {tokens_per_step} tokens/step, "
+              f"{'bf16 on ' + torch.cuda.get_device_name() if bf16 else 'fp32 on CPU'}; "
+              f"{args.warmup} warm-up + {rounds} rounds × {steps} steps", flush=True)
+        for v in variants:
+            for _ in range(args.warmup):
+                v.step(batches)
+        _synchronize()
+        for r in range(rounds):
+            for v in variants:
+                if torch.cuda.is_available():
+                    torch.cuda.reset_peak_memory_stats()
+                _synchronize()
+                started = time.perf_counter()
+                for _ in range(steps):
+                    v.step(batches)
+                _synchronize()
+                v.times.append((time.perf_counter() - started) / steps)
+                if torch.cuda.is_available():
+                    v.peak_memory = torch.cuda.max_memory_allocated()
+            print(f"[bench] round {r + 1}/{rounds} done", flush=True)
+    finally:
+        distributed.shutdown()
+
+    peak = peak_flops_per_gpu()
+    base_times = variants[0].times
+    results = []
+    for v in variants:
+        median = statistics.median(v.times)
+        ratios = [t / b for t, b in zip(v.times, base_times)]
+        row = {"variant": v.name, "median_step_s": median, "ratio": median / statistics.median(base_times),
+               "ratio_min": min(ratios), "ratio_max": max(ratios), "tokens_per_s": tokens_per_step / median,
+               "claim": CLAIMS.get(v.name.removesuffix("+gpas"), "")}
+        if peak is not None:
+            row["mfu"] = tokens_per_step / median * flops_per_token(v.cfg) / peak
+        if hasattr(v, "peak_memory"):
+            row["peak_memory_gib"] = v.peak_memory / 2**30
+        results.append(row)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"\n| variant | step (ms) | vs Pre-LN (per-round min–max) | tokens/s |{' MFU |' if peak else ''} paper's claim |")
+    print(f"|---|---|---|---|{'---|' if peak else ''}---|")
+    for row in results:
+        mfu = f" {100 * row['mfu']:.1f}% |" if peak else ""
+        print(f"| {row['variant']} | {1000 * row['median_step_s']:.1f} | {row['ratio']:.3f} "
+              f"({row['ratio_min']:.3f}–{row['ratio_max']:.3f}) | {row['tokens_per_s']:,.0f} |{mfu} {row['claim']} |")
+    if on_cpu:
+        print(f"\npeak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"device: {device_name}; date: {datetime.date.today().isoformat()}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"device": device_name, "date": datetime.date.today().isoformat(), "preset": preset,
+                       "seq_length": seq, "tokens_per_step": tokens_per_step, "rounds": rounds, "steps": steps,
+                       "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
