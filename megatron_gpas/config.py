@@ -109,6 +109,19 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0  # 1-D params (norm weights, gates) never decay
     clip_grad: float = 0.0  # global L2 clip over all parameters, gates included; 0 = off
+    # adam | muon: Muon on the 2-D hidden matrices, Adam (the keys above) on the rest (docs/muon.md)
+    optimizer: str = "adam"
+    # Muon group; defaults are OSP's Muon (Outlier-Safe Pre-Training), checked in optim.validate_optimizer
+    muon_lr: float | None = None  # None = optim.lr (same warmup/cosine schedule, own peak)
+    muon_weight_decay: float | None = None  # decoupled, θ ← θ − lr·wd·θ; None = optim.weight_decay
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_coefficients: str = "simple"  # Newton–Schulz coefficients; simple = (3.4445, −4.7750, 2.0315)
+    muon_ns_steps: int = 5
+    muon_scale: float = 0.2  # update = muon_scale·√max(m, n)·NS(momentum)
+    muon_tp_mode: str = "duplicated"  # duplicated | distributed: whole-matrix NS, independent of TP
+    muon_split_qkv: bool = True  # orthogonalise Q, K and V of the fused QKV weight separately
+    muon_matmul_precision: str = "medium"  # NS matmuls: medium = bf16 (OSP) | high = TF32 | highest = fp32
 
 
 @dataclass
@@ -421,6 +434,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     ``require_data=False``: the run reads no training data (e.g. a checkpoint import)."""
     from megatron_gpas.model.gpas import ACTIVATIONS
     from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES
+    from megatron_gpas.optim import validate_optimizer
 
     m, p, t, o = cfg.model, cfg.parallel, cfg.train, cfg.optim
     world_size = world_size_from_env() if world_size is None else world_size
@@ -524,6 +538,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
          f"({o.decay_steps or t.steps}: optim.decay_steps, else train.steps)")
     need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
     need(cfg.gpas.clip_grad >= 0, f"gpas.clip_grad must be >= 0 (0 disables), got {cfg.gpas.clip_grad}")
+    validate_optimizer(cfg)
 
     # runtime availability
     if m.backend == "te":
