@@ -61,12 +61,12 @@ MUON_TP_MODES = ("duplicated", "distributed")
 # --------------------------------------------------------------------------- validation
 
 
-def _muon_coefficient_types() -> tuple[str, ...]:
+def _muon_coefficient_types() -> tuple[str, ...] | None:
+    """The Newton-Schulz coefficient sets of the installed emerging-optimizers (None without it)."""
     from megatron.core.optimizer.emerging_optimizers import HAVE_EMERGING_OPTIMIZERS, get_supported_coefficient_types
 
     if not HAVE_EMERGING_OPTIMIZERS:
-        raise ConfigError("optim.optimizer=muon needs the emerging-optimizers package (>= 0.3): "
-                          "pip install 'emerging-optimizers>=0.3' (Python >= 3.12)")
+        return None
     # "custom" needs coefficient sets that megatron's Muon cannot be given
     return tuple(c for c in get_supported_coefficient_types() if c != "custom")
 
@@ -97,13 +97,13 @@ def validate_optimizer(cfg: Config) -> None:
             "duplicated (whole-matrix Newton-Schulz on every TP rank, the default) or distributed")
     need(o.muon_tp_mode in MUON_TP_MODES,
          f"optim.muon_tp_mode must be one of {', '.join(MUON_TP_MODES)}, got '{o.muon_tp_mode}'")
-    if o.optimizer != MUON:
-        return
     coefficients = _muon_coefficient_types()
-    need(o.muon_coefficients in coefficients,
-         f"optim.muon_coefficients must be one of {', '.join(coefficients)}, got '{o.muon_coefficients}'")
-    if cfg.parallel.distributed_optimizer:
-        raise ConfigError(DISTRIBUTED_MUON_UNSUPPORTED)
+    need(coefficients is not None or o.optimizer != MUON,
+         "optim.optimizer=muon needs the emerging-optimizers package (>= 0.3, Python >= 3.12): "
+         "pip install 'emerging-optimizers>=0.3'")
+    need(coefficients is None or o.muon_coefficients in coefficients,
+         f"optim.muon_coefficients must be one of {', '.join(coefficients or ())}, got '{o.muon_coefficients}'")
+    need(o.optimizer != MUON or not cfg.parallel.distributed_optimizer, DISTRIBUTED_MUON_UNSUPPORTED)
 
 
 # Why parallel.distributed_optimizer is refused with Muon (evidence in docs/muon.md).

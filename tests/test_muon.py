@@ -36,8 +36,8 @@ from megatron_gpas.config import ConfigError, load_config, validate
 from megatron_gpas.optim import build_optimizer, optimizer_route, optimizer_routing
 from megatron_gpas.training import Trainer
 from synthetic import synthetic_run_overrides, write_synthetic_dataset
-from test_parallel import _close, _launch
 from test_model_reference import randomize
+from test_parallel import _close, _launch
 from test_parallel_schemes import _merge_checksums
 
 pytestmark = [
@@ -147,7 +147,8 @@ def _validate(overrides: list[str], world_size: int = 1) -> None:
     (["optim.optimizer=muon", "optim.muon_tp_mode=blockwise"], 1, "optim.muon_tp_mode=blockwise orthogonalises"),
     (["optim.muon_tp_mode=auto"], 1, "optim.muon_tp_mode must be one of duplicated, distributed, got 'auto'"),
     (["optim.optimizer=muon", "optim.muon_coefficients=custom"], 1, "optim.muon_coefficients must be one of"),
-    (["optim.optimizer=muon", "optim.muon_coefficients=cubic"], 1, "optim.muon_coefficients must be one of"),
+    (["optim.muon_coefficients=cubic"], 1, "optim.muon_coefficients must be one of simple, quintic"),
+    (["optim.weight_decay=-1"], 1, "optim.weight_decay must be >= 0, got -1.0"),
     (["optim.muon_ns_steps=0"], 1, "optim.muon_ns_steps must be >= 1, got 0"),
     (["optim.muon_momentum=1.0"], 1, "optim.muon_momentum must be in [0, 1), got 1.0"),
     (["optim.muon_scale=0"], 1, "optim.muon_scale must be positive, got 0.0"),
