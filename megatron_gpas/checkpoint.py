@@ -144,13 +144,19 @@ def save(cfg: Config, root: str, step: int, model_chunks, optimizer, scheduler, 
     return final
 
 
-def check_compatible(cfg: Config, path: str) -> None:
-    """Refuse to load a checkpoint of another architecture (shape, scheme, GPAS)."""
+def _saved_run_config(path: str) -> dict | None:
     config_file = os.path.join(path, RUN_CONFIG)
     if not os.path.isfile(config_file):
-        return
+        return None
     with open(config_file) as f:
-        saved_tree = yaml.safe_load(f)
+        return yaml.safe_load(f)
+
+
+def check_compatible(cfg: Config, path: str) -> None:
+    """Refuse to load a checkpoint of another architecture (shape, scheme, GPAS)."""
+    saved_tree = _saved_run_config(path)
+    if saved_tree is None:
+        return
     saved = architecture(saved_tree)
     current = architecture(cfg.to_dict())
     diffs = [f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}"
@@ -163,6 +169,20 @@ def check_compatible(cfg: Config, path: str) -> None:
         raise CheckpointError(f"checkpoint {path}: {e}") from e
 
 
+def check_optimizer_kind(cfg: Config, path: str) -> None:
+    """Refuse to resume the optimizer state of another optimizer (optim.optimizer): Adam's and
+    Muon+Adam's states are different trees (checkpoints from before the key were Adam's)."""
+    saved_tree = _saved_run_config(path)
+    if saved_tree is None:
+        return
+    saved = (saved_tree.get("optim") or {}).get("optimizer", "adam")
+    if saved != cfg.optim.optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} was trained with optim.optimizer={saved}, this run uses "
+            f"optim.optimizer={cfg.optim.optimizer}: its optimizer state cannot be resumed. Set "
+            "checkpoint.load_optimizer=false to start from its weights with a fresh optimizer")
+
+
 def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_optimizer: bool = True,
          check_architecture: bool = True) -> dict:
     """Load ``path`` into the model (and optimizer/scheduler); returns the train state.
@@ -170,6 +190,8 @@ def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_opt
     model (e.g. a conversion between equivalent schemes)."""
     if check_architecture:
         check_compatible(cfg, path)
+    if load_optimizer:
+        check_optimizer_kind(cfg, path)
     if load_optimizer and cfg.parallel.distributed_optimizer and cpu_runtime.is_active():
         raise CheckpointError(
             "resuming the distributed optimizer's state needs a GPU (Megatron reloads it only into "
@@ -197,6 +219,10 @@ def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_opt
     if load_optimizer and optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    elif optimizer is not None:
+        # weights only: a BF16 run's fp32 master weights are copies taken when the optimizer was
+        # built; without this the first step would continue from the model's initial weights
+        optimizer.reload_model_params()
     if same_layout:
         _set_rng_state(state["rng_state"])
     else:

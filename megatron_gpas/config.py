@@ -115,6 +115,19 @@ class OptimConfig:
     adam_eps: float = 1e-8
     weight_decay: float = 0.0  # 1-D params (norm weights, gates) never decay
     clip_grad: float = 0.0  # global L2 clip over all parameters, gates included; 0 = off
+    # adam | muon: Muon on the 2-D hidden matrices, Adam (the keys above) on the rest (docs/muon.md)
+    optimizer: str = "adam"
+    # Muon group; defaults are OSP's Muon (Outlier-Safe Pre-Training), checked in optim.validate_optimizer
+    muon_lr: float | None = None  # None = optim.lr (same warmup/cosine schedule, own peak)
+    muon_weight_decay: float | None = None  # decoupled, θ ← θ − lr·wd·θ; None = optim.weight_decay
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_coefficients: str = "simple"  # Newton–Schulz coefficients; simple = (3.4445, −4.7750, 2.0315)
+    muon_ns_steps: int = 5
+    muon_scale: float = 0.2  # update = muon_scale·√max(m, n)·NS(momentum)
+    muon_tp_mode: str = "duplicated"  # duplicated | distributed: whole-matrix NS, independent of TP
+    muon_split_qkv: bool = True  # orthogonalise Q, K and V of the fused QKV weight separately
+    muon_matmul_precision: str = "medium"  # NS matmuls: medium = bf16 (OSP) | high = TF32 | highest = fp32
 
 
 @dataclass

@@ -4,7 +4,7 @@ Only global rank 0 writes; every value it writes has already been reduced over t
 whole job (loss over DP, gates gathered over PP/VP), so tags and values are the same
 whatever the TP/PP layout.
 
-TensorBoard tags: train/loss, train/lr, train/grad_norm, train/gate_grad_norm,
+TensorBoard tags: train/loss, train/lr, train/muon_lr (optim.optimizer=muon), train/grad_norm, train/gate_grad_norm,
 eval/loss, eval/ppl, perf/tokens_per_s, gpas/alpha/layer_{l}, gpas/scale/layer_{l}
 (l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l}.
 """

@@ -4,13 +4,14 @@
 
 Each step: forward/backward over all micro-batches with Megatron's schedule for the
 layout (no pipelining, 1F1B, or interleaved 1F1B), gradient finalization (DP reduce,
-SP all-reduce of replicated params, embedding sync), the GPAS two-stage clip, the Adam
-step and the LR schedule.
+SP all-reduce of replicated params, embedding sync), the GPAS two-stage clip, the
+optimizer step (Adam, or Muon + Adam: optim.optimizer) and the LR schedule.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
@@ -39,7 +41,7 @@ from megatron_gpas.data.datasets import (
 from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
 from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
 from megatron_gpas.model.schemes import get_scheme
-from megatron_gpas.optim import build_optimizer, clipped_step
+from megatron_gpas.optim import MUON, build_optimizer, clipped_step, gather_routing, routing_summary
 from megatron_gpas.tokenizer import tokenizer_from_config
 from megatron_gpas.validation import validate
 
@@ -126,6 +128,8 @@ class Trainer:
         self.model_config.calculate_per_token_loss = self.per_token_loss  # read by DDP and the schedules
         self.model = self._build_model()
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, bf16=self.bf16)
+        # which tensors Muon and Adam train (gathered over pipeline stages: a collective)
+        self.routing = gather_routing(self.model) if cfg.optim.optimizer == MUON else None
         self.activation_stats = LayerInputVariance(self.model, cfg.model.num_layers, cfg.parallel.sequence_parallel,
                                                    self.device)
         self._wire_schedules()
@@ -226,6 +230,12 @@ class Trainer:
             f"[setup] logs: {os.path.abspath(cfg.logging.dir)}",
             flush=True,
         )
+        if self.routing is not None:
+            path = os.path.join(cfg.logging.dir, "optimizer_routing.json")
+            os.makedirs(cfg.logging.dir, exist_ok=True)
+            with open(path, "w") as f:
+                json.dump({name: route for name, (route, _) in self.routing.items()}, f, indent=1)
+            print(f"{routing_summary(self.routing)}; per tensor: {path}", flush=True)
         if self.data_builder is None:  # pretraining data: the blend as Megatron-Core samples it
             print(describe_blend(cfg), flush=True)
 
@@ -275,17 +285,27 @@ class Trainer:
         if result.updated:
             self.scheme.after_optimizer_step(self.optimizer, self.model)
         self.last_step_result = result
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = get_canonical_lr_for_logging(self.optimizer.param_groups)  # optim.lr's groups (Adam's)
+        muon_lr = self._muon_lr()
         if result.updated:
             self.scheduler.step(increment=1)
         self.step += 1
         self.consumed_train_samples += self.cfg.train.global_batch_size
         values = {"train/loss": self._reduce_loss(losses), "train/lr": lr, "train/grad_norm": result.grad_norm}
+        if muon_lr is not None:
+            values["train/muon_lr"] = muon_lr
         if self.cfg.gpas.enabled:
             values["train/gate_grad_norm"] = result.gate_grad_norm
         if not result.updated and self.rank0:
             print(f"[warn] step {self.step}: update skipped (non-finite gradient norm {result.grad_norm})", flush=True)
         return values
+
+    def _muon_lr(self) -> float | None:
+        """The Muon group's LR this step (its own peak, optim.muon_lr; None without Muon).
+        Megatron marks the groups of a non-default LR schedule with default_config=False."""
+        if self.cfg.optim.optimizer != MUON:
+            return None
+        return next((g["lr"] for g in self.optimizer.param_groups if not g.get("default_config", True)), None)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:

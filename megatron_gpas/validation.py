@@ -13,6 +13,7 @@ from megatron_gpas.checkpoint_paths import pretrained_checkpoint
 from megatron_gpas.config import Config, ConfigError, validate_settings
 from megatron_gpas.model.gpas import ACTIVATIONS, fixed_gate_values
 from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES
+from megatron_gpas.optim import validate_optimizer
 
 
 def validate(cfg: Config, world_size: int | None = None, check_files: bool = True, require_data: bool = True) -> None:
@@ -20,6 +21,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     ``require_data=False``: the run reads no training data (e.g. a checkpoint import)."""
     _validate_network(cfg)
     validate_settings(cfg, world_size, check_files, require_data)
+    validate_optimizer(cfg)
     SCHEMES[cfg.norm.scheme].validate(cfg)
     if cfg.model.backend == "te":
         from megatron_gpas.model.spec import transformer_engine_available

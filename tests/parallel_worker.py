@@ -11,8 +11,10 @@ Kinds:
   dataset      write the synthetic indexed dataset at spec["prefix"] (rank 0)
   save_init    build a Trainer and save its (step-0) checkpoint
   train        build a Trainer (resuming per its config) and run ``train()``, recording per
-               step: loss, pre-/post-clip norms (``measure_post_clip``) and the gate values α
-  expect_error build a Trainer and record the exception it raises
+               step: loss, pre-/post-clip norms (``measure_post_clip``) and the gate values α;
+               with optim.optimizer=muon also the parameter routing (``routing``)
+  expect_error build a Trainer and record the exception it raises (and whether the process
+               group existed by then)
   crash_save   simulate a save that dies mid-way and check what a resume picks up
   audit        build a Trainer (no training) and record the sequence-parallel audit and layer structure
   import_hf    import a Hugging Face directory as a checkpoint (tools/convert_from_hf.py's path)
@@ -248,6 +250,8 @@ def run_train(case: dict) -> dict:
                     "num_microbatches": trainer.num_microbatches})
         if case.get("sp_audit"):
             out["sp_audit"] = _sequence_parallel_audit(trainer)
+        if trainer.routing is not None:  # optim.optimizer=muon: the whole model's routing
+            out["routing"] = {name: route for name, (route, _) in trainer.routing.items()}
         initial = None
         if case.get("checksums"):
             initial = _snapshot(trainer)
@@ -280,8 +284,10 @@ def run_expect_error(case: dict) -> dict:
     try:
         trainer = Trainer(load_config(None, case["overrides"]))
     except Exception as e:  # noqa: BLE001 - the point is to record it
+        # whether it got as far as the process group (validation errors must not)
+        process_group = dist.is_initialized()
         distributed.shutdown(keep_process_group=True)
-        return {"raised": True, "type": type(e).__name__, "message": str(e)}
+        return {"raised": True, "type": type(e).__name__, "message": str(e), "process_group": process_group}
     trainer.close(keep_process_group=True)
     return {"raised": False}
 
