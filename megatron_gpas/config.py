@@ -236,6 +236,9 @@ PRESETS: dict[str, dict[str, Any]] = {
                vocab_size=32000, rope_base=10000.0, max_seq_length=4096),
     "llama3-8b": dict(num_layers=32, hidden_size=4096, num_attention_heads=32, num_query_groups=8,
                       ffn_hidden_size=14336, vocab_size=128256, rope_base=500000.0, max_seq_length=8192),
+    # BHyT's from-scratch setup (untied head here; Llama 3.2 ties it)
+    "llama3.2-1b": dict(num_layers=16, hidden_size=2048, num_attention_heads=32, num_query_groups=8,
+                        ffn_hidden_size=8192, vocab_size=128256, rope_base=500000.0, max_seq_length=8192),
 }
 
 

@@ -20,9 +20,9 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     """Raise ConfigError with a specific message for the first problem found.
     ``require_data=False``: the run reads no training data (e.g. a checkpoint import)."""
     _validate_network(cfg)
+    SCHEMES[cfg.norm.scheme].validate(cfg)
     validate_settings(cfg, world_size, check_files, require_data)
     validate_optimizer(cfg)
-    SCHEMES[cfg.norm.scheme].validate(cfg)
     if cfg.model.backend == "te":
         from megatron_gpas.model.spec import transformer_engine_available
 

@@ -182,23 +182,19 @@ def run_dataset(case: dict) -> dict:
 
 def run_save_init(case: dict) -> dict:
     """Save the step-0 checkpoint; options (1 process): ``randomize`` {seed, gates} puts the weights
-    in a regime where every parameter matters (test_model_reference.randomize; with ``every_kind``
-    test_norm_schemes_reference.perturb, ``zero_final_bias`` leaving the final norm without bias)
-    before saving;
+    in a regime where every parameter matters (test_norm_schemes_reference.perturb; with
+    ``zero_final_bias`` the final norm keeps no bias) before saving;
     ``probe`` {tokens, greedy_prompt, greedy_steps, out} saves the model's logits on ``tokens``
     and its greedy continuation of ``greedy_prompt`` (no KV cache) to ``out`` (torch.save)."""
     trainer = Trainer(load_config(None, case["overrides"]))
     try:
         if "randomize" in case:
             from megatron.core.utils import unwrap_model
-            from test_model_reference import randomize
             from test_norm_schemes_reference import perturb
 
-            options, model = case["randomize"], unwrap_model(trainer.model[0])
-            if options.get("every_kind"):  # norm biases, DyT α, BHyT λ, transforms too
-                perturb(model, options["seed"], options["gates"], zero_final_bias=options.get("zero_final_bias", False))
-            else:
-                randomize(model, options["seed"], options["gates"])
+            options = case["randomize"]
+            perturb(unwrap_model(trainer.model[0]), options["seed"], options["gates"],
+                    zero_final_bias=options.get("zero_final_bias", False))
         trainer.save_checkpoint()
         if "probe" in case:
             torch.save(_probe(trainer, case["probe"]), case["probe"]["out"])

@@ -233,7 +233,15 @@ def randomize(model, seed: int, gates=GATE_VALUES) -> None:
             if name.endswith("gpas.alpha"):  # a value per layer, or a pair (attention, MLP) per layer
                 layer = int(name.split(".")[2])
                 param.copy_(torch.tensor(gates[layer], dtype=param.dtype).flatten()[: param.numel()])
-            elif param.ndim == 1:  # every norm weight (Sandwich's branch norms too)
+            elif name.endswith(".bias"):  # norm biases (LayerNorm, Pre-(C)RMSNorm)
+                param.copy_(0.2 * torch.randn(param.shape, generator=g))
+            elif name.endswith(".alpha"):  # DyT's α: 0.3 .. 0.9
+                param.copy_(0.3 + 0.6 * torch.rand(param.shape, generator=g))
+            elif name.endswith(".lam"):  # BHyT's λ: 1 .. 3
+                param.copy_(1.0 + 2.0 * torch.rand(param.shape, generator=g))
+            elif name == "embedding_transform.scale":  # DyT's embedding scale
+                param.copy_(0.7 + 0.6 * torch.rand(param.shape, generator=g))
+            elif param.ndim == 1:  # every norm weight (Sandwich's branch norms, OSP's scalar g too)
                 assert name.endswith("norm.weight"), name
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
             elif name == "embedding.word_embeddings.weight":

@@ -32,7 +32,8 @@ import parallel_worker
 from megatron.core.utils import unwrap_model
 from megatron_gpas import distributed
 from megatron_gpas.checkpoint import CheckpointError
-from megatron_gpas.config import ConfigError, load_config, validate
+from megatron_gpas.config import ConfigError, load_config
+from megatron_gpas.validation import validate
 from megatron_gpas.optim import build_optimizer, optimizer_route, optimizer_routing
 from megatron_gpas.training import Trainer
 from synthetic import synthetic_run_overrides, write_synthetic_dataset

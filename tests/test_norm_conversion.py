@@ -53,7 +53,7 @@ def checkpoints(workspace) -> dict[str, Path]:
     _launch(ws, "ln_init", 1, [
         {"name": "data", "kind": "dataset", "prefix": str(ws / "data" / "synthetic")},
         {"name": "ln", "kind": "save_init", "overrides": _overrides(ws, "init", f"checkpoint.save='{ws / 'ln'}'"),
-         "randomize": {"seed": 5, "gates": [(0.3,), (-0.4,), (0.6,), (0.2,)], "every_kind": True}},
+         "randomize": {"seed": 5, "gates": [(0.3,), (-0.4,), (0.6,), (0.2,)]}},
         {"name": "llama", "kind": "save_init",
          "overrides": _overrides(ws, "llama", "norm.kind=rmsnorm", f"checkpoint.save='{ws / 'llama'}'")},
     ], timeout=300)

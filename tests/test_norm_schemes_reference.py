@@ -20,15 +20,15 @@ model code for the reference side. Per layer, per sub-layer f with its norm N:
                                final norm RMSNorm (λ_final = 0) or N(x; mean(x²))
     +GPAS                      after each add: x' = G(...),  G(y) = y − SiLU(α)·sg(y)
 
-Weights are put in a regime where every parameter matters (fan-in-scaled matrices, norm
-weights 1 ± 0.3, biases ~0.2, DyT α and BHyT λ distinct per norm, distinct gates). Tolerances as
+Weights are put in a regime where every parameter matters (test_model_reference.randomize:
+fan-in-scaled matrices, norm weights 1 ± 0.3, biases ~0.2, DyT α and BHyT λ distinct per norm,
+distinct gates). Tolerances as
 in test_schemes_reference.py: logits 1e-5 and every matrix/vector gradient 1e-4 of the
 reference's scale; scalar parameters (gates, α, λ, g, s: sums over all tokens) 5e-4 of their own.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import pytest
@@ -46,6 +46,7 @@ from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
     make_cfg,
     megatron_env,
     megatron_to_reference,
+    randomize,
     ref_attention,
     ref_swiglu,
     reference_leaves,
@@ -234,35 +235,17 @@ def is_scalar(name: str, param) -> bool:
 
 
 def perturb(model, seed: int, gates=GATES, zero_final_bias: bool = False) -> None:
-    """Every parameter in a regime where it visibly matters (see the module docstring); BHyT's
-    c_attn recomputed from the new weights. ``gates``: (attention, MLP) value per layer."""
-    g = torch.Generator().manual_seed(seed)
+    """Every parameter in a regime where it visibly matters (test_model_reference.randomize knows
+    the new parameter kinds: norm biases 0.2·N(0,1), DyT α 0.3..0.9, BHyT λ 1..3, the embedding
+    scale 0.7..1.3), optionally without a final-norm bias; BHyT's c_attn recomputed from the new
+    weights. ``gates``: (attention, MLP) value per layer."""
+    randomize(model, seed, gates)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            u = torch.rand(param.shape, generator=g)
-            if name.endswith("gpas.alpha"):
-                layer = int(name.split(".")[2])
-                param.copy_(torch.tensor(gates[layer], dtype=param.dtype).flatten()[: param.numel()])
-            elif name == "decoder.final_layernorm.bias" and zero_final_bias:
-                param.zero_()
-            elif name.endswith(".bias"):
-                param.copy_(0.2 * torch.randn(param.shape, generator=g))
-            elif name.endswith(".alpha"):  # DyT: α of 0.3 .. 0.9
-                param.copy_(0.3 + 0.6 * u)
-            elif name.endswith(".lam"):  # BHyT: λ of 1 .. 3
-                param.copy_(1.0 + 2.0 * u)
-            elif name == "embedding_transform.scale":
-                param.copy_(0.7 + 0.6 * u)
-            elif param.ndim == 1:  # norm weights, SSNorm's scalar g included
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
-            elif name == "embedding.word_embeddings.weight":
-                param.copy_(torch.randn(param.shape, generator=g))
-            else:
-                assert param.ndim == 2, name
-                param.copy_(torch.randn(param.shape, generator=g) / math.sqrt(param.shape[1]))
-    for layer in model.decoder.layers:
-        if hasattr(layer.pre_mlp_layernorm, "c_attn"):
-            layer.scheme.refresh(layer, layer.run_cfg)
+        if zero_final_bias:
+            model.decoder.final_layernorm.bias.zero_()
+        for layer in model.decoder.layers:
+            if hasattr(layer.pre_mlp_layernorm, "c_attn"):
+                layer.scheme.refresh(layer, layer.run_cfg)
 
 
 def expected_extra_parameters(case: Case) -> set[str]:

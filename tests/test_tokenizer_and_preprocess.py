@@ -320,7 +320,7 @@ def test_tiktoken_matches_tiktoken_itself(pattern, tiktoken_file, monkeypatch):
 def test_training_config_names_every_tokenizer_kind(gpt2_files, tiktoken_file, tmp_path):
     """data.tokenizer in a run config builds the same tokenizer preprocessing used."""
     from megatron_gpas.config import ConfigError, load_config
-from megatron_gpas.validation import validate
+    from megatron_gpas.validation import validate
 
     base = ["data.paths=[/nonexistent/x]", "model.vocab_size=512"]
     cfg = load_config(None, base + ["data.tokenizer.kind=gpt2", f"data.tokenizer.path={gpt2_files}",

@@ -6,7 +6,10 @@
 
 Writes examples/paper/{scheme}[_gpas]_{71m,130m,250m,350m,1b}.yaml for the 11 rows of the
 paper's Table 2 (6 baselines, 5 GPAS variants), {pre,pre_gpas}_7b.yaml, and
-examples/llama3_8b_pre_gpas.yaml. Hyperparameters: GPAS paper Table 1 (targets.md,
+examples/llama3_8b_pre_gpas.yaml; examples/norms/{scheme}[_gpas]_{size}.yaml: the
+norm-replacement schemes (Pre-LN with LayerNorm, Pre-RMSNorm, Pre-CRMSNorm, OSP, DyT, BHyT,
+BHyT*) on the same shapes and recipe, so they compare with the paper's rows; and
+examples/recipes/: each of those papers' own setup where the sources give one. Hyperparameters: GPAS paper Table 1 (targets.md,
 methods.md §1.8): Adam β=(0.9, 0.999), eps 1e-8, no weight decay, linear warmup then
 cosine to 0.1×peak, sequence length 256, global batch 512 sequences (7B: 2048), seed 42,
 evaluation every 1000 steps on ~10M validation tokens. Clipping as in the official code:
@@ -212,11 +215,149 @@ def _llama3_config() -> tuple[str, str]:
     return f"{name}.yaml", _header("Llama-3-8B shape, Pre-LN + GPAS", lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
 
 
+# The norm replacements on the GPAS paper's shapes and recipe: name -> (config changes, note).
+WIDTH = {"71m": 512, "130m": 768, "250m": 768, "350m": 1024, "1b": 2048}
+NORM_ROWS = {
+    "pre_ln": ({"norm": {"scheme": "pre", "kind": "layernorm"}},
+               "Pre-LN with LayerNorm (weight and bias): x' = x + f(LayerNorm(x)) (methods.md §3)."),
+    "pre_rmsnorm": ({"norm": {"scheme": "pre_rmsnorm"}},
+                    "Pre-RMSNorm (Jiang et al.): Pre-LN's exact equivalent, zero-mean residual stream (§3.1, §3.3)."),
+    "crmsnorm": ({"norm": {"scheme": "crmsnorm"}},
+                 "Pre-CRMSNorm (Jiang et al.): the zero-mean stream kept in d-1 dimensions (§3.2)."),
+    "osp": ({"norm": {"scheme": "osp"}, "optim": {"optimizer": "muon", "muon_weight_decay": 0.01}},
+            "OSP: single-scale RMSNorm, EmbProj and Muon (OSP's settings, weight decay 0.01 on the Muon group) (§4)."),
+    "dyt": ({"norm": {"scheme": "dyt"}},
+            "DyT: gamma * tanh(alpha * x) in place of every norm, embedding scale sqrt(d) (§5.2)."),
+    "bhyt": ({"norm": {"scheme": "bhyt"}},
+             "BHyT: gamma * tanh(lambda * x / (kappa * rms)), estimated post-attention statistics, (2, 1, 0) (§5.1)."),
+    "bhytstar": ({"norm": {"scheme": "bhytstar"}}, "BHyT*: BHyT with exact statistics in every norm (§5.1)."),
+}
+
+
+def dyt_alpha0(width: int) -> list[float]:
+    """DyT's README gives alpha0 for widths >= 4096 only. For the paper's smaller widths: the DyT
+    paper's width study as recalled in research-wave2.md §4.3 (unverified): 1.0 everywhere up to
+    1024, 1.0 / 0.5 / 0.5 at 2048. A sweep is advised."""
+    return [1.0, 1.0, 1.0] if width <= 1024 else [1.0, 0.5, 0.5]
+
+
+def _merge(into: dict, changes: dict) -> dict:
+    for section, values in changes.items():
+        into.setdefault(section, {}).update(values)
+    return into
+
+
+def _norm_config(size: str, name: str, gpas: bool) -> tuple[str, str]:
+    changes, note = NORM_ROWS[name]
+    rel, text = _paper_config(size, "pre", gpas, "Pre-LN")
+    header, body = text.split("\n\n", 1)
+    cfg = _merge(yaml.safe_load(body), changes)
+    if name == "dyt":
+        cfg["norm"]["options"] = {"alpha0": dyt_alpha0(WIDTH[size])}
+    if cfg["optim"].get("optimizer") == "muon":  # Megatron-Core 0.19.2 cannot shard Muon (docs/muon.md)
+        cfg["parallel"]["distributed_optimizer"] = False
+    run = f"{name}{'_gpas' if gpas else ''}_{size}"
+    cfg["checkpoint"].update(save=f"checkpoints/{run}", load=f"checkpoints/{run}")
+    cfg["logging"]["dir"] = f"runs/norms/{run}"
+    lines = header.splitlines()[4:]  # the paper config's explanation, from its third line
+    lines = [line.removeprefix("# ").removeprefix("#") for line in lines]
+    lines[0] = note + (" + GPAS after each residual add." if gpas else "")
+    if name == "dyt":
+        lines.insert(1, f"alpha0 {dyt_alpha0(WIDTH[size])} (attention, MLP, final): DyT's README gives values only "
+                        "for widths >= 4096; these follow its paper's width study (unverified; sweep).")
+    lines = [line.replace(f"examples/paper/{config_name('pre', gpas, size)}.yaml", f"examples/norms/{run}.yaml")
+             for line in lines]
+    if cfg["optim"].get("optimizer") == "muon":
+        lines = [line.replace(" with the distributed optimizer", " (Muon: without the distributed optimizer)")
+                 for line in lines]
+    title = f"{note.split(':')[0]}{' + GPAS' if gpas else ''} on the GPAS paper's {size.upper()} shape and recipe"
+    return f"norms/{run}.yaml", _header(title, lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _recipe(name: str, title: str, cfg: dict, lines: list[str]) -> tuple[str, str]:
+    cfg.setdefault("checkpoint", {}).update(save=f"checkpoints/{name}", load=f"checkpoints/{name}", save_interval=1000)
+    cfg["logging"] = {"dir": f"runs/recipes/{name}", "interval": 10}
+    lines = [*lines, "", f"  torchrun --nproc-per-node 8 -m megatron_gpas.pretrain --config examples/recipes/{name}.yaml"]
+    return f"recipes/{name}.yaml", _header(title, lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False)
+
+
+def _recipes() -> list[tuple[str, str]]:
+    osp = {
+        # OSP's 1.4B: d=2048, 24 layers, FFN ceil_128(8d/3) = 5504 as in its example model,
+        # SmolLM's 49152-token vocabulary and 2048-token context [inferred from the README's
+        # "1.4B ... smollm-corpus"; the paper's exact table was not available]
+        "model": {"num_layers": 24, "hidden_size": 2048, "num_attention_heads": 32, "ffn_hidden_size": 5504,
+                  "vocab_size": 49152, "max_seq_length": 2048, "rope_base": 10000.0, "backend": "local"},
+        "norm": {"scheme": "osp", "eps": 1e-6},
+        "gpas": {"enabled": False},
+        "parallel": {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "distributed_optimizer": False},
+        "train": {"steps": 240_000, "seq_length": 2048, "micro_batch_size": 8, "global_batch_size": 1024,
+                  "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 5},
+        "optim": {"optimizer": "muon", "lr": 5e-4, "min_lr_ratio": 0.1, "warmup_steps": 2000, "adam_beta1": 0.9,
+                  "adam_beta2": 0.95, "adam_eps": 1e-8, "weight_decay": 0.01, "clip_grad": 1.0,
+                  "muon_weight_decay": 0.01, "muon_momentum": 0.95, "muon_nesterov": True,
+                  "muon_coefficients": "simple", "muon_ns_steps": 5, "muon_scale": 0.2},
+        "data": {"paths": ["data/smollm_corpus_text_document"], "split": "99,1,0",
+                 "tokenizer": {"kind": "huggingface", "path": "tokenizers/smollm/tokenizer.json"}},
+    }
+    dyt = {
+        "model": {"preset": "7b", "max_seq_length": 4096, "backend": "local"},
+        "norm": {"scheme": "dyt", "options": {"alpha0": [0.8, 0.2, 0.2]}},
+        "gpas": {"enabled": False},
+        "parallel": {"tensor": 2, "pipeline": 1, "sequence_parallel": True, "distributed_optimizer": True},
+        "train": {"steps": 500_000, "seq_length": 4096, "micro_batch_size": 1, "global_batch_size": 1024,
+                  "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 5},
+        "optim": {"lr": 3e-4, "min_lr_ratio": 0.1, "warmup_steps": 2000, "adam_beta1": 0.9, "adam_beta2": 0.95,
+                  "adam_eps": 1e-5, "weight_decay": 0.1, "clip_grad": 1.0},
+        "data": {"paths": ["data/pile_llama2_text_document"], "split": "99,1,0",
+                 "tokenizer": {"kind": "sentencepiece", "path": "tokenizers/llama2/tokenizer.model"}},
+    }
+    bhyt = {
+        "model": {"preset": "llama3.2-1b", "backend": "local"},
+        "norm": {"scheme": "bhyt", "options": {"lambdas": [2.0, 1.0, 0.0], "kappa": 10.0}},
+        "gpas": {"enabled": False},
+        "parallel": {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "distributed_optimizer": True},
+        "train": {"steps": 20_000, "seq_length": 1024, "micro_batch_size": 16, "global_batch_size": 128,
+                  "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 20},
+        "optim": {"lr": 1e-4, "min_lr_ratio": 0.03, "warmup_steps": 2000, "adam_beta1": 0.9, "adam_beta2": 0.95,
+                  "adam_eps": 1e-8, "weight_decay": 0.1, "clip_grad": 1.0},
+        "data": {"paths": ["data/c4_llama3_train_text_document"], "split": "99,1,0",
+                 "tokenizer": {"kind": "huggingface", "path": "tokenizers/llama3/tokenizer.json"}},
+    }
+    return [
+        _recipe("osp_1.4b_muon", "OSP's 1.4B setup: single-scale RMSNorm + EmbProj + Muon", osp, [
+            "OSP (methods.md §4, research-wave2.md §3.4): Muon on the hidden matrices and EmbProj (Nesterov, the",
+            "'simple' Newton-Schulz coefficients, 5 steps, update 0.2 * sqrt(max(m, n)), decoupled weight decay 0.01),",
+            "AdamW on the embedding, head, norm scalars; LR 5e-4 (OSP README). OSP trained 1T tokens of",
+            "smollm-corpus; 240K steps x 1024 x 2048 tokens is 0.5T. Shape and schedule beyond the README are",
+            "inferred (d=2048, 24 layers, FFN ceil_128(8d/3) as its example model, SmolLM's vocabulary).",
+            "Muon keeps replicated optimizer state: parallel.distributed_optimizer is refused with it.",
+            "Measure outliers after training: python tools/kurtosis.py checkpoints/osp_1.4b_muon --data ...",
+        ]),
+        _recipe("dyt_llama2_7b", "DyT's LLaMA-2 7B setup (alpha0 0.8 / 0.2 / 0.2)", dyt, [
+            "DyT (methods.md §5.2): alpha0 (attention, MLP, final) = 0.8 / 0.2 / 0.2 and LR 3e-4 from DyT's README",
+            "for 7B (its table: 13B 0.6/0.15/0.15, 34B and 70B 0.2/0.05/0.05), embedding scale sqrt(d).",
+            "LLaMA-2 recipe for the rest: AdamW (0.9, 0.95) eps 1e-5, weight decay 0.1, 2000 warmup steps,",
+            "cosine to 0.1 x peak, clip 1.0, 4096-token sequences, 4M tokens per step, the Pile with the",
+            "LLaMA-2 tokenizer. 8 GPUs: TP=2 + SP, DP=4 with the distributed optimizer.",
+        ]),
+        _recipe("bhyt_llama3.2_1b", "BHyT's Llama-3.2-1B from-scratch setup", bhyt, [
+            "BHyT (methods.md §5.1, research-wave2.md §4.1): lambdas (input, post-attention, final) = (2, 1, 0),",
+            "kappa 10, the final norm RMSNorm; its template: LR 1e-4 (sweep 5e-4 / 3e-4 / 1e-4), AdamW (0.9, 0.95),",
+            "weight decay 0.1, 10% warmup, cosine to min LR 3e-6 (0.03 x peak), 20K steps of 1024-token",
+            "sequences (its 1B sweep), per-device batch 16 on 8 GPUs, C4 en. c_attn is refreshed every",
+            "max(1, min(1000, steps / 50)) = 400 steps. The head is untied here (Llama 3.2 ties it).",
+        ]),
+    ]
+
+
 def render_all() -> dict[str, str]:
     """relative path under examples/ -> file text."""
     files = dict(_paper_config(size, scheme, gpas, row) for size in PAPER for scheme, gpas, row in ROWS
                  if size != "7b" or scheme == "pre")  # the paper ran 7B for Pre-LN and Pre+GPAS only
     files.update([_llama3_config()])
+    files.update(_norm_config(size, name, gpas) for size in WIDTH for name in NORM_ROWS for gpas in (False, True))
+    files.update(_recipes())
     return files
 
 

@@ -195,16 +195,16 @@ def _decide(source: ExportSource, run_cfg, target: str, tolerance: float | None)
                         "(norm.bias=false trains without it)")
     gates = reader.read(GATES_KEY) if config.gpas else None
     try:
-        plan = folding.plan_fold(config, gates)
+        plan = folding.plan_fold(config, gates, source.plan.norm_scales)
     except folding.FoldError as e:
         return no_llama(f"fold impossible: {e}")
     folds = [what for what, present in (
-        ("GPAS gates", config.gpas), ("LNS 1/√l factors", config.norm_scheme == "lns" and config.lns_mode == "fixed"),
+        ("GPAS gates", config.gpas), ("the norms' fixed 1/√l factors", source.plan.norm_scales is not None),
         ("norm biases into linear biases", plan.has_biases),
         ("the embedding/head transforms", any(key in reader for key in TRANSFORM_TENSORS)),
         ("centred residual writes", source.plan.centre_residual_writes)) if present]
     if not folds:
-        return "llama", f"norm.scheme={config.norm_scheme} is a stock Llama", plan, None, None
+        return "llama", f"norm.scheme={run_cfg.norm.scheme} is a stock Llama", plan, None, None
     tolerance = FOLD_TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
     error = fold_logit_error(source, plan)
     if error > tolerance:

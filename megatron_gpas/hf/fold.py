@@ -3,13 +3,13 @@
 A pre-norm sub-layer k of our models computes, with its gate factor β = 1 − act(α) placed
 by ``gpas.position`` and LNS' fixed factor c = 1/√l,
 
-    x_{k+1} = post_k · ( pre_k·x_k + branch_k · f_k( norm_k · RMSNorm(pre_k·x_k) ) )
+    x_{k+1} = out_k · ( in_k·x_k + branch_k · f_k( norm_k · RMSNorm(in_k·x_k) ) )
 
-where exactly one of pre/norm/branch/post holds β (before_sublayer / after_norm /
+where exactly one of in/norm/branch/out holds β (before_sublayer / after_norm /
 after_branch / after_sublayer) and norm_k also holds c. Write x_k = P_k·g_k. RMSNorm is
-scale-invariant for P > 0 (up to ε: RMSNorm(P·g) uses ε/P²), so with P ← P·pre_k,
+scale-invariant for P > 0 (up to ε: RMSNorm(P·g) uses ε/P²), so with P ← P·in_k,
 
-    g_{k+1} = g_k + (branch_k / P) · f_k( norm_k · RMSNorm(g_k) ),   then P ← P·post_k
+    g_{k+1} = g_k + (branch_k / P) · f_k( norm_k · RMSNorm(g_k) ),   then P ← P·out_k
 
 i.e. a stock Llama on g whose norm weight is multiplied by norm_k and whose output
 projection (o_proj / down_proj) by branch_k/P. The final RMSNorm absorbs the last P. The fold
@@ -22,7 +22,6 @@ get the biases W·β (``attention_bias`` / ``mlp_bias``; o_proj and down_proj ge
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,8 +31,8 @@ from megatron_gpas.hf.modeling_megatron_gpas import gate_activation
 # (norm, output projection, consumers of the norm's output) of each sub-layer in HF names.
 SUBLAYERS = (("input_layernorm", "self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
              ("post_attention_layernorm", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj")))
-FACTOR_OF_POSITION = {"before_sublayer": "pre", "after_norm": "norm", "after_branch": "branch",
-                      "after_sublayer": "post"}
+FACTOR_OF_POSITION = {"before_sublayer": "in", "after_norm": "norm", "after_branch": "branch",
+                      "after_sublayer": "out"}
 
 
 class FoldError(ValueError):
@@ -59,23 +58,24 @@ def gate_factors(alpha: torch.Tensor, activation: str, silu_beta: float) -> tupl
     return (values[0], values[-1])
 
 
-def plan_fold(config, gates: torch.Tensor | None) -> FoldPlan:
+def plan_fold(config, gates: torch.Tensor | None, norm_scales: list[float] | None = None) -> FoldPlan:
     """The multipliers that turn a pre-norm GPAS/LNS model (HF ``config`` of our class) into a
-    stock Llama; ``gates`` is [L, 1 or 2] (None without GPAS). Raises FoldError if invalid."""
+    stock Llama; ``gates`` is [L, 1 or 2] (None without GPAS); ``norm_scales``: a fixed multiplier
+    of each layer's norm outputs (LNS' 1/√l, from the scheme's export plan). Raises FoldError if
+    invalid."""
     num_layers = config.num_hidden_layers
-    fixed_lns = config.norm_scheme == "lns" and config.lns_mode == "fixed"
     slot = FACTOR_OF_POSITION[config.gpas_position] if config.gpas else None
     norm_factors, proj_factors, scales = [], [], []
     scale = 1.0
     for layer in range(num_layers):
         betas = gate_factors(gates[layer], config.gpas_activation, config.gpas_silu_beta) if slot else (1.0, 1.0)
-        lns = 1.0 / math.sqrt(layer + 1) if fixed_lns else 1.0
+        norm_scale = norm_scales[layer] if norm_scales else 1.0
         norms, projs = [], []
         for sublayer in range(2):
-            f = {"pre": 1.0, "norm": lns, "branch": 1.0, "post": 1.0}
+            f = {"in": 1.0, "norm": norm_scale, "branch": 1.0, "out": 1.0}
             if slot:
                 f[slot] *= betas[sublayer]
-            scale *= f["pre"]
+            scale *= f["in"]
             scales.append(scale)
             if scale <= 0:
                 raise FoldError(f"the cumulative GPAS scale reaching layer {layer + 1}'s "
@@ -83,7 +83,7 @@ def plan_fold(config, gates: torch.Tensor | None) -> FoldPlan:
                                 "RMSNorm would flip its sign, so no stock Llama computes this model")
             norms.append(f["norm"])
             projs.append(f["branch"] / scale)
-            scale *= f["post"]
+            scale *= f["out"]
         norm_factors.append(tuple(norms))
         proj_factors.append(tuple(projs))
     scales.append(scale)

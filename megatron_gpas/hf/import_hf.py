@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from megatron_gpas.hf.hf_config import SCHEME_FIELDS, attention_shape
+from megatron_gpas.model.schemes import LLAMA_SCHEME, SCHEMES
 from megatron_gpas.hf.mapping import (
     FC1,
     GLOBAL_TENSORS,
@@ -104,17 +105,16 @@ def run_tree_from_hf(hf_dir: str) -> dict:
                      "max_seq_length": c.get("max_position_embeddings", 2048), "rope_base": float(rope_theta)}
     ours = model_type == "megatron_gpas"
     tree["norm"] = {**tree.get("norm", {}), "eps": c.get("rms_norm_eps", 1e-6),
-                    "scheme": c.get("norm_scheme", "pre") if ours else "pre"}
+                    "scheme": c.get("norm_scheme", LLAMA_SCHEME) if ours else tree.get("norm", {}).get("scheme",
+                                                                                                LLAMA_SCHEME)}
     if ours:
         tree["norm"].update(mixln_post_layers=c.get("mixln_post_layers"), lns_mode=c.get("lns_mode", "init"))
         tree["gpas"] = {**tree.get("gpas", {}), "enabled": c.get("gpas", False),
                         **{k.removeprefix("gpas_"): c[k] for k in SCHEME_FIELDS if k.startswith("gpas_") and k in c}}
     else:  # a stock Llama (native exports have gates, transforms and norm scalars folded in)
         tree["gpas"] = {**tree.get("gpas", {}), "enabled": False}
-        if tree["norm"].get("lns_mode") == "fixed":
-            tree["norm"]["lns_mode"] = "init"
-        tree["norm"].update(scheme="lns" if tree["norm"]["scheme"] == "lns" else "pre", kind="rmsnorm", bias=None,
-                            options={})
+        exported_as = SCHEMES.get(tree["norm"]["scheme"], SCHEMES[LLAMA_SCHEME])
+        tree["norm"] = exported_as.llama_import_norm(tree["norm"])
     tree["_tie_word_embeddings"] = bool(c.get("tie_word_embeddings", False))
     tree["_model_type"] = model_type
     return tree

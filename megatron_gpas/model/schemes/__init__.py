@@ -7,7 +7,7 @@ module, plus its entry here. Nothing else in the package names a scheme.
 from __future__ import annotations
 
 from megatron_gpas.config import Config
-from megatron_gpas.model.schemes.base import GATE_POSITIONS, PRE_NORM_GATE_SLOTS, ExportPlan, Scheme
+from megatron_gpas.model.schemes.base import GATE_POSITIONS, LLAMA_SCHEME, PRE_NORM_GATE_SLOTS, ExportPlan, Scheme
 from megatron_gpas.model.schemes.bhyt import BHYT_SCHEMES
 from megatron_gpas.model.schemes.dyt import DYT_SCHEMES
 from megatron_gpas.model.schemes.osp import OSP_SCHEMES
@@ -24,4 +24,4 @@ def get_scheme(cfg: Config) -> Scheme:
     return SCHEMES[cfg.norm.scheme]
 
 
-__all__ = ["SCHEMES", "GATE_POSITIONS", "PRE_NORM_GATE_SLOTS", "ExportPlan", "Scheme", "get_scheme"]
+__all__ = ["SCHEMES", "GATE_POSITIONS", "LLAMA_SCHEME", "PRE_NORM_GATE_SLOTS", "ExportPlan", "Scheme", "get_scheme"]

@@ -48,6 +48,7 @@ PRE_NORM_GATE_SLOTS = {
 GATE_POSITIONS = tuple(PRE_NORM_GATE_SLOTS)
 NORM_POSITIONS = ("attention", "mlp", "final")
 NORM_KINDS = {"rmsnorm": RMSNorm, "layernorm": LayerNorm}
+LLAMA_SCHEME = "pre"  # what a stock LlamaForCausalLM is (its import, and the default scheme)
 
 
 def pre_norm(layer: "NormLayer", sublayer: int, norm: "SublayerNorm", residual: "ResidualAdd") -> None:
@@ -82,11 +83,15 @@ class ExportPlan:
                   before every read) or trained with that mean removed (Pre-(C)RMSNorm): the
                   exporter writes the embedding and output projections centred, so RMSNorm
                   computes LayerNorm exactly.
+
+    norm_scales   a fixed multiplier of each layer's norm outputs (LNS' 1/√l), folded into the
+                  norm weights of a stock Llama; None when there is none.
     """
 
     llama_reason: str | None
     hf_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     centre_residual_writes: bool = False
+    norm_scales: list[float] | None = None
 
 
 class Scheme:
@@ -188,6 +193,11 @@ class Scheme:
 
     def export_plan(self, cfg: Config) -> ExportPlan:
         return ExportPlan(llama_reason=f"norm.scheme={self.name} has no stock Llama form")
+
+    def llama_import_norm(self, norm: dict) -> dict:
+        """The norm section of a checkpoint imported from this scheme's stock-Llama export (its
+        factors, gates and transforms are folded into the weights: a plain Pre-LN)."""
+        return {**norm, "scheme": LLAMA_SCHEME, "kind": "rmsnorm", "bias": None, "options": {}}
 
 
 def plain_norm_name(cfg: Config) -> str:

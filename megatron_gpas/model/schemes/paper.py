@@ -146,6 +146,16 @@ class LayerNormScaling(PaperHost):
     def architecture(self, cfg) -> dict:
         return {**super().architecture(cfg), "norm.lns_mode": cfg.norm.lns_mode}
 
+    def export_plan(self, cfg) -> ExportPlan:
+        plan = super().export_plan(cfg)
+        if cfg.norm.lns_mode == "fixed":
+            plan.norm_scales = [1.0 / math.sqrt(l) for l in range(1, cfg.model.num_layers + 1)]
+        return plan
+
+    def llama_import_norm(self, norm: dict) -> dict:
+        # the exported weights hold the learned (or folded) 1/√l: continue as LNS with learned weights
+        return {**super().llama_import_norm(norm), "scheme": self.name, "lns_mode": "init"}
+
     def configure_layer(self, layer, cfg):
         factor = 1.0 / math.sqrt(layer.layer_number)
         for sublayer, norm, residual in layer.sublayers():
