@@ -249,7 +249,7 @@ def test_fine_tuning_runs_on_a_new_scheme_checkpoint(pretrained):
                               for i in range(5, 45)) + "\n")
     result = subprocess.run([
         sys.executable, "-m", "megatron_gpas.finetune", f"checkpoint.pretrained={ws / 'bhyt_gpas'}",
-        f"sft.train_files=[{data}]", "data.tokenizer.kind=null", "data.tokenizer.vocab_size=128",
+        f"sft.train_files=[{data}]",
         "train.steps=2", "train.seq_length=16", "train.micro_batch_size=2", "train.global_batch_size=4",
         f"checkpoint.save={ws / 'ft'}", f"logging.dir={ws / 'ft_runs'}", "logging.tensorboard=false",
         "logging.plots=false"], capture_output=True, text=True, cwd=REPO, timeout=300)
