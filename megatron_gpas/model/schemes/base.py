@@ -25,7 +25,6 @@ dataclass (unknown keys and wrong types are config errors naming the key).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -198,14 +197,6 @@ class Scheme:
         """The norm section of a checkpoint imported from this scheme's stock-Llama export (its
         factors, gates and transforms are folded into the weights: a plain Pre-LN)."""
         return {**norm, "scheme": LLAMA_SCHEME, "kind": "rmsnorm", "bias": None, "options": {}}
-
-
-def plain_norm_name(cfg: Config) -> str:
-    return "LayerNorm" if cfg.norm.kind == "layernorm" else "RMSNorm"
-
-
-def xavier_normal_std(fan_in: int, fan_out: int, gain: float) -> float:
-    return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
 @torch.no_grad()

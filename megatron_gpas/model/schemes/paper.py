@@ -15,8 +15,7 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_gpas.config import ConfigError
-from megatron_gpas.model.schemes.base import (PRE_NORM_GATE_SLOTS, ExportPlan, Scheme, post_norm, pre_norm,
-                                              xavier_normal_std)
+from megatron_gpas.model.schemes.base import PRE_NORM_GATE_SLOTS, ExportPlan, Scheme, post_norm, pre_norm
 
 
 class PaperHost(Scheme):
@@ -165,6 +164,10 @@ class LayerNormScaling(PaperHost):
                 with torch.no_grad():
                     norm.weight.fill_(factor)
             pre_norm(layer, sublayer, norm, residual)
+
+
+def xavier_normal_std(fan_in: int, fan_out: int, gain: float) -> float:
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
 
 
 @torch.no_grad()
