@@ -81,6 +81,53 @@ def load_run_tokenizer(cfg: Config):
     return tokenizer
 
 
+def wrap_for_training(cfg: Config, chunks, model_config, *, on_cpu: bool, bf16: bool):
+    """(DDP-wrapped chunks on their device, the config DDP and the schedules read): the latter is
+    ``model_config`` with the scheme's residual-stream width (pipeline stages exchange that)."""
+    model_config = schedule_config(cfg, model_config)
+    if not on_cpu:
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if bf16:
+        chunks = [Float16Module(model_config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+    )
+    wrapped = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
+               for i, chunk in enumerate(chunks)]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    return wrapped, model_config
+
+
+def wire_schedules(cfg: Config, model_config, model, optimizer):
+    """Hook gradient finalization, loss scaling and (with overlap) no-sync into the config the
+    schedules read; returns Megatron's forward-backward function for the layout."""
+    model_config.finalize_model_grads_func = finalize_model_grads
+    model_config.grad_scale_func = optimizer.scale_loss
+    if cfg.parallel.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in model]
+        model_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    return get_forward_backward_func()
+
+
+def optimizer_step(cfg: Config, scheme, model, optimizer, step: int, run_schedule: Callable[[], list],
+                   measure_post_clip: bool = False):
+    """One training step without the bookkeeping: the scheme's pre-step work, zeroed gradients,
+    ``run_schedule()`` (forward and backward over the micro-batches), the two-stage clip, the
+    optimizer step and the scheme's post-step work. Returns (the schedule's losses, StepResult)."""
+    scheme.before_step(model, step, cfg)
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = run_schedule()
+    result = clipped_step(optimizer, cfg.optim.clip_grad, cfg.gpas.clip_grad, measure_post_clip=measure_post_clip)
+    if result.updated:
+        scheme.after_optimizer_step(optimizer, model)
+    return losses, result
+
+
 # (trainer) -> (train dataset, validation dataset or None): datasets the caller supplies
 # instead of the indexed-dataset blend of data.paths (fine-tuning, evaluation)
 DataBuilder = Callable[["Trainer"], tuple]
@@ -155,35 +202,13 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _build_model(self):
-        cfg = self.cfg
-        chunks = build_model_chunks(cfg, self.model_config)
-        # From here on, the config DDP and the schedules read (the residual stream's width)
-        self.model_config = schedule_config(cfg, self.model_config)
-        if not self.on_cpu:
-            chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
-        if self.bf16:
-            chunks = [Float16Module(self.model_config, chunk) for chunk in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
-        )
-        wrapped = [
-            DistributedDataParallel(self.model_config, ddp_config, chunk, disable_bucketing=i > 0)
-            for i, chunk in enumerate(chunks)
-        ]
-        for chunk in wrapped:
-            chunk.broadcast_params()
-        return wrapped
+        chunks = build_model_chunks(self.cfg, self.model_config)
+        model, self.model_config = wrap_for_training(self.cfg, chunks, self.model_config, on_cpu=self.on_cpu,
+                                                     bf16=self.bf16)
+        return model
 
     def _wire_schedules(self):
-        c = self.model_config
-        c.finalize_model_grads_func = finalize_model_grads
-        c.grad_scale_func = self.optimizer.scale_loss
-        if self.cfg.parallel.overlap_grad_reduce:
-            no_sync = [chunk.no_sync for chunk in self.model]
-            c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-        self.forward_backward = get_forward_backward_func()
+        self.forward_backward = wire_schedules(self.cfg, self.model_config, self.model, self.optimizer)
 
     def _maybe_resume(self):
         root, pretrained = self.cfg.checkpoint.load, self.cfg.checkpoint.pretrained
@@ -275,15 +300,9 @@ class Trainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def train_step(self, data_iterator) -> dict[str, float]:
-        self.scheme.before_step(self.model, self.step, self.cfg)
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        losses = self._run_schedule(data_iterator, forward_only=False)
-        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad,
-                              measure_post_clip=self.measure_post_clip)
-        if result.updated:
-            self.scheme.after_optimizer_step(self.optimizer, self.model)
+        losses, result = optimizer_step(self.cfg, self.scheme, self.model, self.optimizer, self.step,
+                                        lambda: self._run_schedule(data_iterator, forward_only=False),
+                                        measure_post_clip=self.measure_post_clip)
         self.last_step_result = result
         lr = get_canonical_lr_for_logging(self.optimizer.param_groups)  # optim.lr's groups (Adam's)
         muon_lr = self._muon_lr()

@@ -59,49 +59,36 @@ def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
 
 
 class Variant:
-    """One model + optimizer + step function, built under the shared (world of 1) process groups."""
+    """One model + optimizer, built and stepped with the trainer's own functions under the shared
+    (world of 1) process groups."""
 
     def __init__(self, name: str, cfg, on_cpu: bool, bf16: bool):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron.core.transformer.module import Float16Module
-
-        from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
+        from megatron_gpas.model.builder import build_model_chunks, transformer_config
         from megatron_gpas.model.schemes import get_scheme
         from megatron_gpas.optim import build_optimizer
+        from megatron_gpas.training import wire_schedules, wrap_for_training
 
         self.name, self.cfg = name, cfg
         config = transformer_config(cfg, bf16=bf16, on_cpu=on_cpu)
-        chunks = build_model_chunks(cfg, config)
-        if not on_cpu:
-            chunks = [chunk.cuda() for chunk in chunks]
-        if bf16:
-            chunks = [Float16Module(config, chunk) for chunk in chunks]
-        config = schedule_config(cfg, config)
-        ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False)
-        self.model = [DistributedDataParallel(config, ddp, chunk) for chunk in chunks]
+        self.model, config = wrap_for_training(cfg, build_model_chunks(cfg, config), config, on_cpu=on_cpu, bf16=bf16)
         self.optimizer, _ = build_optimizer(cfg, self.model, bf16=bf16)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = self.optimizer.scale_loss
-        self.forward_backward = get_forward_backward_func()
+        self.forward_backward = wire_schedules(cfg, config, self.model, self.optimizer)
         self.scheme = get_scheme(cfg)
         self.step_index = 0
         self.times: list[list[float]] = []
 
     def step(self, batches) -> None:
-        from megatron_gpas.optim import clipped_step
+        from megatron_gpas.training import optimizer_step
 
-        self.scheme.before_step(self.model, self.step_index, self.cfg)
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
         t = self.cfg.train
-        self.forward_backward(forward_step_func=_forward_step, data_iterator=iter(batches), model=self.model[0],
-                              num_microbatches=len(batches), seq_length=t.seq_length,
-                              micro_batch_size=t.micro_batch_size, forward_only=False)
-        result = clipped_step(self.optimizer, self.cfg.optim.clip_grad, self.cfg.gpas.clip_grad)
-        if result.updated:
-            self.scheme.after_optimizer_step(self.optimizer, self.model)
+
+        def run_schedule():
+            return self.forward_backward(forward_step_func=_forward_step, data_iterator=iter(batches),
+                                         model=self.model[0], num_microbatches=len(batches),
+                                         seq_length=t.seq_length, micro_batch_size=t.micro_batch_size,
+                                         forward_only=False)
+
+        optimizer_step(self.cfg, self.scheme, self.model, self.optimizer, self.step_index, run_schedule)
         self.step_index += 1
 
 
