@@ -102,6 +102,16 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = evaluate only at the end
     eval_iters: int = 4  # validation global batches per evaluation
     exit_after_steps: int = 0  # stop (with a checkpoint) after this many steps of this run; 0 = off
+    # wall-clock budget of this process in minutes, the final save included: stop with a checkpoint
+    # (exit code 75, "requeue") when the next step and a save would not fit; 0 = off
+    exit_duration_minutes: float = 0.0
+    # divergence: halt (exit code 3) after this many consecutive skipped updates (non-finite loss or
+    # gradient norm, or a loss spike); 0 = never halt
+    max_skipped_steps: int = 3
+    # loss-spike guard: skip the update of a step whose loss exceeds loss_spike_factor × the mean of the
+    # last loss_spike_window applied steps' losses; 0 = off
+    loss_spike_factor: float = 0.0
+    loss_spike_window: int = 50
 
 
 @dataclass
@@ -128,6 +138,9 @@ class OptimConfig:
     muon_tp_mode: str = "duplicated"  # duplicated | distributed: whole-matrix NS, independent of TP
     muon_split_qkv: bool = True  # orthogonalise Q, K and V of the fused QKV weight separately
     muon_matmul_precision: str = "medium"  # NS matmuls: medium = bf16 (OSP) | high = TF32 | highest = fp32
+    # on resume, take the LR schedule (optim.lr, warmup, decay, train.steps) from this config instead of
+    # the checkpoint's (Megatron's --override-opt_param-scheduler)
+    override_schedule: bool = False
 
 
 @dataclass
@@ -164,6 +177,16 @@ class CheckpointConfig:
     # optimizer, step 0), e.g. a pretraining run for fine-tuning. A checkpoint under `load`
     # wins: that is the run's own, resumed normally.
     pretrained: str | None = None
+    # a checkpoint.load that holds no checkpoint is an error, unless this is true (the first start of
+    # a job that resumes itself, e.g. slurm/pretrain.sbatch)
+    load_if_exists: bool = False
+    verify: bool = True  # check every file of a checkpoint against the checksums written at save time
+    # a damaged newest checkpoint: false = stop with an error naming it and the newest intact one;
+    # true = resume from the newest intact one (with a warning)
+    fallback: bool = False
+    # allow saving into a checkpoint.save whose newest checkpoint is ahead of this run's step
+    # (it would overwrite or outdate that run's checkpoints)
+    overwrite: bool = False
 
 
 # How sft.chat_template renders one chat turn per role; {content} marks the message text.
@@ -199,6 +222,7 @@ class LoggingConfig:
     interval: int = 10
     tensorboard: bool = True
     plots: bool = True
+    verbose: bool = False  # also show Megatron-Core's and PyTorch's warnings and INFO messages
 
 
 @dataclass
