@@ -144,7 +144,7 @@ def save(cfg: Config, root: str, step: int, model_chunks, optimizer, scheduler, 
     return final
 
 
-def _saved_run_config(path: str) -> dict | None:
+def saved_run_config(path: str) -> dict | None:
     config_file = os.path.join(path, RUN_CONFIG)
     if not os.path.isfile(config_file):
         return None
@@ -154,7 +154,7 @@ def _saved_run_config(path: str) -> dict | None:
 
 def check_compatible(cfg: Config, path: str) -> None:
     """Refuse to load a checkpoint of another architecture (shape, scheme, GPAS)."""
-    saved_tree = _saved_run_config(path)
+    saved_tree = saved_run_config(path)
     if saved_tree is None:
         return
     saved = architecture(saved_tree)
@@ -172,7 +172,7 @@ def check_compatible(cfg: Config, path: str) -> None:
 def check_optimizer_kind(cfg: Config, path: str) -> None:
     """Refuse to resume the optimizer state of another optimizer (optim.optimizer): Adam's and
     Muon+Adam's states are different trees (checkpoints from before the key were Adam's)."""
-    saved_tree = _saved_run_config(path)
+    saved_tree = saved_run_config(path)
     if saved_tree is None:
         return
     saved = (saved_tree.get("optim") or {}).get("optimizer", "adam")

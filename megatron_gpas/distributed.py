@@ -42,6 +42,8 @@ def init_distributed(cfg: Config) -> torch.device:
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if not on_cpu:
+        # srun --gpus-per-task=1 (or a cgroup per task) shows each rank only its own GPU
+        local_rank %= torch.cuda.device_count()
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:

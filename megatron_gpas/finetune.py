@@ -83,7 +83,7 @@ def load_finetune_config(path: str | None, overrides: list[str] | None = None) -
     return cfg, source
 
 
-def build_trainer(cfg: Config, source: str | None = None, log=None):
+def build_trainer(cfg: Config, source: str | None = None, log=None, force: bool = False):
     """Read the instruction data (errors before any process group), then the Trainer on it."""
     from megatron_gpas.data.instruct import build_instruct_datasets
     from megatron_gpas.training import Trainer, load_run_tokenizer  # heavy imports only after the config is valid
@@ -92,12 +92,12 @@ def build_trainer(cfg: Config, source: str | None = None, log=None):
         where = f"network of {source}" if source else "no checkpoint: random initial weights"
         log(f"[finetune] {where}; gpas.freeze={cfg.gpas.freeze}")
     data = build_instruct_datasets(cfg, load_run_tokenizer(cfg), log=log)
-    return Trainer(cfg, data_builder=lambda _: (data.train, data.valid), per_token_loss=True)
+    return Trainer(cfg, data_builder=lambda _: (data.train, data.valid), per_token_loss=True, force=force)
 
 
-def _finetune_trainer(config_path, overrides):
+def _finetune_trainer(config_path, overrides, force):
     cfg, source = load_finetune_config(config_path, overrides)
-    return build_trainer(cfg, source, log=print if is_logging_process() else None)
+    return build_trainer(cfg, source, log=print if is_logging_process() else None, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ whole job (loss over DP, gates gathered over PP/VP), so tags and values are the 
 whatever the TP/PP layout.
 
 TensorBoard tags: train/loss, train/lr, train/muon_lr (optim.optimizer=muon), train/grad_norm, train/gate_grad_norm,
+train/skipped_steps (updates skipped so far, divergence.py),
 eval/loss, eval/ppl, perf/tokens_per_s, gpas/alpha/layer_{l}, gpas/scale/layer_{l}
 (l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l}.
 """
@@ -57,8 +58,12 @@ def format_duration(seconds: float) -> str:
 class MetricsWriter:
     """Rank-0 sink for scalars: TensorBoard + JSONL; console lines with throughput/MFU/ETA."""
 
-    def __init__(self, cfg: Config, world_size: int, enabled: bool):
+    def __init__(self, cfg: Config, world_size: int, enabled: bool, purge_step: int | None = None):
+        """``purge_step``: the first step this process logs when it resumes a run; TensorBoard then
+        drops the events the interrupted run wrote from that step on (run_folder truncates
+        metrics.jsonl the same way)."""
         self.cfg = cfg
+        self.closed = False
         self.enabled = enabled
         self.world_size = world_size
         self.tb = None
@@ -73,7 +78,11 @@ class MetricsWriter:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=cfg.logging.dir)
+            import yaml
+
+            self.tb = SummaryWriter(log_dir=cfg.logging.dir, purge_step=purge_step)
+            config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+            self.tb.add_text("config", "```yaml\n" + config_yaml + "```", global_step=purge_step or 0)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -102,6 +111,8 @@ class MetricsWriter:
                  f"lr {values['train/lr']:.3e}", f"grad_norm {values['train/grad_norm']:.3f}"]
         if "train/gate_grad_norm" in values:
             parts.append(f"gate_grad_norm {values['train/gate_grad_norm']:.2e}")
+        if values.get("train/skipped_steps"):
+            parts.append(f"skipped {int(values['train/skipped_steps'])}")
         parts.append(f"tok/s {values['perf/tokens_per_s']:,.0f}")
         if "perf/mfu" in values:
             parts.append(f"MFU {100 * values['perf/mfu']:.1f}% (Megatron formula, BF16 peak)")
@@ -109,6 +120,7 @@ class MetricsWriter:
         print(" | ".join(parts), flush=True)
 
     def close(self):
+        self.closed = True
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:

@@ -278,8 +278,17 @@ def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
         end_wd=o.weight_decay,
         wd_incr_steps=cfg.train.steps,
         wd_incr_style="constant",
+        # on resume: this config's schedule, or (default) the checkpoint's; the trainer says which
+        override_opt_param_scheduler=o.override_schedule,
     )
     return optimizer, scheduler
+
+
+def lr_schedule(cfg: Config) -> dict[str, float]:
+    """The LR schedule a config asks for, keyed by the config keys that set it."""
+    o = cfg.optim
+    return {"optim.lr": o.lr, "optim.min_lr_ratio": o.min_lr_ratio, "optim.warmup_steps": o.warmup_steps,
+            "optim.decay_steps (else train.steps)": o.decay_steps or cfg.train.steps}
 
 
 @dataclass
@@ -290,6 +299,7 @@ class StepResult:
     # post-clip norms, measured again only when asked (an extra reduction; for tests/debugging)
     clipped_grad_norm: float | None = None
     clipped_gate_grad_norm: float | None = None
+    skip_reason: str | None = None  # why the update was not applied (None when it was)
 
 
 def clip_coefficient(norm: float, max_norm: float) -> float:
@@ -312,10 +322,10 @@ def _grad_norms(optimizer) -> tuple[float, float]:
 def clipped_step(optimizer, clip_grad: float, gate_clip_grad: float, measure_post_clip: bool = False) -> StepResult:
     """prepare grads → two-stage clip → inner optimizer step(s) (+ param all-gather for DistOpt)."""
     if optimizer.prepare_grads():  # inf/nan found by the loss scaler (fp16 only)
-        return StepResult(False, float("nan"), float("nan"))
+        return StepResult(False, float("nan"), float("nan"), skip_reason="inf/nan found by the loss scaler")
     total_norm, gate_norm = _grad_norms(optimizer)
     if not math.isfinite(total_norm):
-        return StepResult(False, total_norm, gate_norm)
+        return StepResult(False, total_norm, gate_norm, skip_reason=f"non-finite gradient norm {total_norm}")
 
     global_coef = clip_coefficient(total_norm, clip_grad)
     gate_coef = global_coef * clip_coefficient(gate_norm * global_coef, gate_clip_grad)
@@ -327,4 +337,6 @@ def clipped_step(optimizer, clip_grad: float, gate_clip_grad: float, measure_pos
     if measure_post_clip:
         result.clipped_grad_norm, result.clipped_gate_grad_norm = _grad_norms(optimizer)
     result.updated = optimizer.step_with_ready_grads()
+    if not result.updated:
+        result.skip_reason = "the optimizer skipped the update"
     return result

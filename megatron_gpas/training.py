@@ -27,10 +27,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import unwrap_model
 
-from megatron_gpas import checkpoint, distributed
+from megatron_gpas import checkpoint, distributed, exit_codes, run_folder
 from megatron_gpas.activation_stats import LayerInputVariance
 from megatron_gpas.checkpoint_paths import pretrained_checkpoint
-from megatron_gpas.config import Config, ConfigError, data_parallel_size, padded_vocab_size
+from megatron_gpas.config import Config, ConfigError, config_from_tree, data_parallel_size, padded_vocab_size, save_config
 from megatron_gpas.data.datasets import (
     build_datasets,
     build_loader,
@@ -38,10 +38,12 @@ from megatron_gpas.data.datasets import (
     check_split,
     describe_blend,
 )
-from megatron_gpas.metrics import MetricsWriter, Stopwatch, perplexity
+from megatron_gpas.divergence import Diverged, DivergenceGuard
+from megatron_gpas.metrics import MetricsWriter, Stopwatch, format_duration, perplexity
 from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
 from megatron_gpas.model.schemes import get_scheme
-from megatron_gpas.optim import MUON, build_optimizer, clipped_step, gather_routing, routing_summary
+from megatron_gpas.optim import MUON, StepResult, build_optimizer, clipped_step, gather_routing, lr_schedule, routing_summary
+from megatron_gpas.preemption import StopRequest, die_with_launcher
 from megatron_gpas.tokenizer import tokenizer_from_config
 from megatron_gpas.validation import validate
 
@@ -113,15 +115,20 @@ def wire_schedules(cfg: Config, model_config, model, optimizer):
 
 
 def optimizer_step(cfg: Config, scheme, model, optimizer, step: int, run_schedule: Callable[[], list],
-                   measure_post_clip: bool = False):
+                   measure_post_clip: bool = False, veto: Callable[[list], str | None] | None = None):
     """One training step without the bookkeeping: the scheme's pre-step work, zeroed gradients,
     ``run_schedule()`` (forward and backward over the micro-batches), the two-stage clip, the
-    optimizer step and the scheme's post-step work. Returns (the schedule's losses, StepResult)."""
+    optimizer step and the scheme's post-step work. ``veto(losses)``: a reason not to apply this
+    step's update (it must give the same answer on every rank). Returns (the schedule's losses,
+    StepResult)."""
     scheme.before_step(model, step, cfg)
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     losses = run_schedule()
+    reason = veto(losses) if veto is not None else None
+    if reason is not None:
+        return losses, StepResult(False, float("nan"), float("nan"), skip_reason=reason)
     result = clipped_step(optimizer, cfg.optim.clip_grad, cfg.gpas.clip_grad, measure_post_clip=measure_post_clip)
     if result.updated:
         scheme.after_optimizer_step(optimizer, model)
@@ -134,14 +141,19 @@ DataBuilder = Callable[["Trainer"], tuple]
 
 
 class Trainer:
-    def __init__(self, cfg: Config, data_builder: DataBuilder | None = None, per_token_loss: bool = False):
+    def __init__(self, cfg: Config, data_builder: DataBuilder | None = None, per_token_loss: bool = False,
+                 force: bool = False):
         """``data_builder``: supplies the datasets (samples as GPTDataset's: tokens, labels,
         loss_mask, position_ids); it is called once the process groups exist.
         ``per_token_loss``: weigh every unmasked token of a global batch the same (Megatron's
         calculate_per_token_loss) rather than every micro-batch; for data whose micro-batches
-        hold different numbers of loss tokens (fine-tuning)."""
+        hold different numbers of loss tokens (fine-tuning).
+        ``force``: start even if ``logging.dir`` holds another run's logs (they are deleted)."""
+        # the wall-clock budget (train.exit_duration_minutes) counts from here, set-up included
+        self.stop = StopRequest(budget_s=cfg.train.exit_duration_minutes * 60)
         # Everything that can be wrong with the request fails here, before process groups.
         validate(cfg)
+        run_folder.check_ownership(cfg, force)
         self.tokenizer = load_run_tokenizer(cfg)
         if data_builder is None:
             if cfg.sft.train_files:
@@ -154,10 +166,22 @@ class Trainer:
         self.cfg = cfg
         self.data_builder = data_builder
         self.per_token_loss = per_token_loss
-        self.device = distributed.init_distributed(cfg)
+        self.force = force
+        self.console_log = None
+        self.summary: dict | None = None
+        die_with_launcher()
+        self.stop.install()  # a stop signal during set-up is acted on at the first step boundary
+        try:
+            self.device = distributed.init_distributed(cfg)
+        except BaseException:
+            self.stop.restore()
+            raise
         try:
             self._setup()
         except BaseException:
+            self.stop.restore()
+            if self.console_log is not None:
+                self.console_log.close()
             distributed.shutdown(keep_process_group=True)  # Megatron's groups; the caller owns the rest
             raise
 
@@ -183,13 +207,17 @@ class Trainer:
 
         self.step = 0
         self.consumed_train_samples = 0
-        self.metrics = MetricsWriter(cfg, self.world_size, enabled=self.rank0)
+        self.divergence = DivergenceGuard(cfg.train.max_skipped_steps, cfg.train.loss_spike_factor,
+                                          cfg.train.loss_spike_window)
         self.last_eval_loss: float | None = None
         self.measure_post_clip = False  # re-measure norms after clipping (tests/debugging)
         self.last_step_result = None
         self._saved_step: int | None = None
+        self.last_checkpoint: str | None = None
+        self._save_seconds = 0.0  # the longest save so far (the wall-clock budget reserves it)
         self._warned_no_valid = False
         self._maybe_resume()
+        self._open_run_folder()
 
         if self.data_builder is not None:
             self.train_ds, self.valid_ds = self.data_builder(self)
@@ -234,9 +262,47 @@ class Trainer:
             return
         self.step = int(state["step"])
         self.consumed_train_samples = int(state["consumed_train_samples"])
+        self.divergence.load_state_dict(state)
+        self._saved_step = self.step  # that checkpoint exists: a stop right away has nothing to save
+        self.last_checkpoint = path
         if self.rank0:
             print(f"[checkpoint] resumed from {path} at step {self.step} "
                   f"({self.consumed_train_samples} samples consumed)", flush=True)
+            self._report_schedule_change(path)
+
+    def _report_schedule_change(self, path: str):
+        """Say which LR schedule a resumed run follows when this config asks for another one
+        than the checkpoint's run did (Megatron would silently keep the checkpoint's)."""
+        saved_tree = checkpoint.saved_run_config(path)
+        if saved_tree is None:
+            return
+        try:
+            saved = lr_schedule(config_from_tree(saved_tree))
+        except ConfigError:
+            return
+        now = lr_schedule(self.cfg)
+        changed = [f"{key} {saved[key]} -> {now[key]}" for key in now if saved[key] != now[key]]
+        if not changed:
+            return
+        if self.cfg.optim.override_schedule:
+            print(f"[checkpoint] LR schedule changed ({'; '.join(changed)}): following this config's schedule "
+                  "(optim.override_schedule=true)", flush=True)
+        else:
+            print(f"[warn] this config changes the LR schedule ({'; '.join(changed)}) but a resumed run keeps its "
+                  "checkpoint's schedule; set optim.override_schedule=true to follow this config's", flush=True)
+
+    def _open_run_folder(self):
+        """Rank 0 takes ``logging.dir`` for this run (run_folder), copies its console into
+        train.log, writes the resolved config, and opens the metrics sinks, which continue a
+        resumed run's without repeating the steps logged after its checkpoint."""
+        cfg = self.cfg
+        if self.rank0:
+            run_folder.claim(cfg, self.force, self.step)
+            self.console_log = run_folder.ConsoleLog(os.path.join(cfg.logging.dir, run_folder.LOG))
+            print(f"[run] {time.strftime('%Y-%m-%d %H:%M:%S')} {'resuming at step ' + str(self.step) if self.step else 'starting'}"
+                  f" in {os.path.abspath(cfg.logging.dir)}", flush=True)
+            save_config(cfg, os.path.join(cfg.logging.dir, run_folder.CONFIG))
+        self.metrics = MetricsWriter(cfg, self.world_size, enabled=self.rank0, purge_step=self.step + 1)
 
     def _log_setup(self):
         if not self.rank0:
@@ -300,9 +366,18 @@ class Trainer:
         return float(totals[0] / totals[1].clamp(min=1))
 
     def train_step(self, data_iterator) -> dict[str, float]:
-        losses, result = optimizer_step(self.cfg, self.scheme, self.model, self.optimizer, self.step,
-                                        lambda: self._run_schedule(data_iterator, forward_only=False),
-                                        measure_post_clip=self.measure_post_clip)
+        """One step with its bookkeeping. A step whose update is skipped (divergence.py) still
+        consumes its data; ``Diverged`` once too many skips follow each other."""
+        loss = float("nan")
+
+        def veto(losses):  # the global-batch loss, known on every rank, decides before the update
+            nonlocal loss
+            loss = self._reduce_loss(losses)
+            return self.divergence.veto(loss)
+
+        _, result = optimizer_step(self.cfg, self.scheme, self.model, self.optimizer, self.step,
+                                   lambda: self._run_schedule(data_iterator, forward_only=False),
+                                   measure_post_clip=self.measure_post_clip, veto=veto)
         self.last_step_result = result
         lr = get_canonical_lr_for_logging(self.optimizer.param_groups)  # optim.lr's groups (Adam's)
         muon_lr = self._muon_lr()
@@ -310,13 +385,21 @@ class Trainer:
             self.scheduler.step(increment=1)
         self.step += 1
         self.consumed_train_samples += self.cfg.train.global_batch_size
-        values = {"train/loss": self._reduce_loss(losses), "train/lr": lr, "train/grad_norm": result.grad_norm}
+        self.divergence.record(loss, skipped=not result.updated)
+        values = {"train/loss": loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                  "train/skipped_steps": self.divergence.total}
         if muon_lr is not None:
             values["train/muon_lr"] = muon_lr
         if self.cfg.gpas.enabled:
             values["train/gate_grad_norm"] = result.gate_grad_norm
-        if not result.updated and self.rank0:
-            print(f"[warn] step {self.step}: update skipped (non-finite gradient norm {result.grad_norm})", flush=True)
+        if not result.updated:
+            if self.rank0:
+                print(f"[warn] step {self.step}: update skipped ({result.skip_reason}); "
+                      f"{self.divergence.consecutive} in a row, {self.divergence.total} in this run", flush=True)
+            message = self.divergence.halt_message(self.step, result.skip_reason)
+            if message is not None:
+                self.metrics.scalars(self.step, values)
+                raise Diverged(message)
         return values
 
     def _muon_lr(self) -> float | None:
@@ -333,21 +416,33 @@ class Trainer:
         if self.valid_ds is None:
             return None
         num_batches = min(self.cfg.train.eval_iters, len(self.valid_ds) // self.cfg.train.global_batch_size)
-        loss_sum, tokens = self.evaluate_dataset(self.valid_ds, num_batches)
+        totals = self.evaluate_dataset(self.valid_ds, num_batches, interruptible=True)
+        if totals is None:
+            return None
+        loss_sum, tokens = totals
         return loss_sum / max(tokens, 1)
 
     @torch.no_grad()
-    def evaluate_dataset(self, dataset, num_batches: int) -> tuple[float, int]:
+    def evaluate_dataset(self, dataset, num_batches: int, interruptible: bool = False) -> tuple[float, int] | None:
         """(summed loss, number of unmasked tokens) over the first ``num_batches`` global batches
-        of ``dataset``, forward only, with the training schedule; known on every rank."""
+        of ``dataset``, forward only, with the training schedule; known on every rank.
+        ``interruptible``: a stop signal ends it early (None), so a preempted job saves in time."""
         for chunk in self.model:
             chunk.eval()
         iterator = self._iterators(dataset, 0)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        interrupted = False
         for _ in range(num_batches):
+            if interruptible and self.stop.agreed(self.device):
+                interrupted = True
+                break
             totals += self._loss_totals(self._run_schedule(iterator, forward_only=True))
         for chunk in self.model:
             chunk.train()
+        if interrupted:
+            if self.rank0:
+                print(f"[eval] step {self.step}: interrupted by a stop request; skipped", flush=True)
+            return None
         return float(totals[0]), int(totals[1])
 
     def gate_values(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -378,6 +473,8 @@ class Trainer:
 
     def _eval_and_log(self):
         loss = self.evaluate()
+        if loss is None and self.stop.signal is not None:
+            return
         if loss is None:
             if self.rank0 and not self._warned_no_valid:
                 hint = ("set sft.valid_files or sft.valid_fraction" if self.cfg.sft.train_files
@@ -395,66 +492,139 @@ class Trainer:
             return
         self._saved_step = self.step
         root = self.cfg.checkpoint.save
+        watch = Stopwatch()
         path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
-                               {"step": self.step, "consumed_train_samples": self.consumed_train_samples})
+                               {"step": self.step, "consumed_train_samples": self.consumed_train_samples,
+                                **self.divergence.state_dict()})
+        seconds = watch.lap()
+        self._save_seconds = max(self._save_seconds, seconds)
+        self.last_checkpoint = path
         if self.rank0:
-            print(f"[checkpoint] saved {path}", flush=True)
+            print(f"[checkpoint] saved {path} ({seconds:.1f} s)", flush=True)
 
     def train(self) -> dict:
+        """Train to ``train.steps``, or until a stop (signal, wall-clock budget, exit_after_steps).
+        The result holds ``exit_code`` (exit_codes) and ``outcome``; ``Diverged`` propagates."""
         cfg, t = self.cfg, self.cfg.train
+        self._started = time.perf_counter()
+        self._start_step = self.step
         if self.step >= t.steps:
             if self.rank0:
                 print(f"[train] already at step {self.step} >= train.steps ({t.steps}); nothing to do", flush=True)
-            return {"step": self.step}
+            return self._finish(exit_codes.DONE, "already finished", {})
         iterator = self._iterators(self.train_ds, self.consumed_train_samples)
         tokens_per_step = t.global_batch_size * t.seq_length
         start_step = self.step
-        started = time.perf_counter()
         interval_watch = Stopwatch()
+        step_watch = Stopwatch()
+        longest_step = 0.0
         interval_steps = 0
-        last_values: dict[str, float] = {}
+        self.last_values: dict[str, float] = {}
         for chunk in self.model:
             chunk.train()
-        while self.step < t.steps:
-            step = self.step + 1
-            at_end = step == t.steps
-            stop_now = bool(t.exit_after_steps) and step - start_step >= t.exit_after_steps
-            log_now = step % cfg.logging.interval == 0 or at_end or stop_now or step == start_step + 1
-            self.activation_stats.active = log_now  # layer-input variance only on logged steps
-            values = self.train_step(iterator)
-            self.activation_stats.active = False
-            interval_steps += 1
-            if log_now:
-                values.update(self.metrics.throughput(tokens_per_step * interval_steps, interval_watch.lap()))
-                interval_steps = 0
-                self._log_gates(values)
-                for l, variance in enumerate(self.activation_stats.collect().tolist(), start=1):
-                    values[f"activations/variance/layer_{l}"] = variance
-                self.metrics.scalars(self.step, values)
-                self.metrics.console(self.step, t.steps, values, time.perf_counter() - started,
-                                     self.step - start_step)
-                last_values = values
-            if t.eval_interval and self.step % t.eval_interval == 0 and not at_end:
-                self._eval_and_log()
-            if cfg.checkpoint.save and cfg.checkpoint.save_interval and self.step % cfg.checkpoint.save_interval == 0 \
-                    and not at_end:
-                self.save_checkpoint()
-            if stop_now and not at_end:
-                if cfg.checkpoint.save:
+        try:
+            while self.step < t.steps:
+                # every rank agrees here whether to stop (a signal on any rank, or no time left for
+                # another step and a save: the longest save so far, else twice the longest step)
+                reason = self.stop.agreed(self.device, longest_step, self._save_seconds or 2 * longest_step)
+                if reason:
+                    return self._stop_early(self.stop.describe(reason))
+                step = self.step + 1
+                at_end = step == t.steps
+                stop_now = bool(t.exit_after_steps) and step - start_step >= t.exit_after_steps
+                log_now = step % cfg.logging.interval == 0 or at_end or stop_now or step == start_step + 1
+                self.activation_stats.active = log_now  # layer-input variance only on logged steps
+                step_watch.lap()
+                values = self.train_step(iterator)
+                longest_step = max(longest_step, step_watch.lap())
+                self.activation_stats.active = False
+                interval_steps += 1
+                if log_now:
+                    values.update(self.metrics.throughput(tokens_per_step * interval_steps, interval_watch.lap()))
+                    interval_steps = 0
+                    self._log_gates(values)
+                    for l, variance in enumerate(self.activation_stats.collect().tolist(), start=1):
+                        values[f"activations/variance/layer_{l}"] = variance
+                    self.metrics.scalars(self.step, values)
+                    self.metrics.console(self.step, t.steps, values, time.perf_counter() - self._started,
+                                         self.step - start_step)
+                    self.last_values = values
+                if t.eval_interval and self.step % t.eval_interval == 0 and not at_end:
+                    self._eval_and_log()
+                if cfg.checkpoint.save and cfg.checkpoint.save_interval and \
+                        self.step % cfg.checkpoint.save_interval == 0 and not at_end:
                     self.save_checkpoint()
-                return {"step": self.step, "stopped_early": True, **last_values}
+                if stop_now and not at_end:
+                    if cfg.checkpoint.save:
+                        self.save_checkpoint()
+                    return self._finish(exit_codes.DONE, f"stopped after train.exit_after_steps={t.exit_after_steps}",
+                                        {"stopped_early": True})
+        except Diverged as e:
+            self._finish(exit_codes.DIVERGED, f"diverged: {e}", {})
+            raise
         self._eval_and_log()
         if cfg.checkpoint.save and cfg.checkpoint.save_at_end:
             self.save_checkpoint()
-        return {"step": self.step, "eval/loss": self.last_eval_loss, **last_values}
+        return self._finish(exit_codes.DONE, "finished", {"eval/loss": self.last_eval_loss})
 
-    def close(self, keep_process_group: bool = False):
-        """Flush logs, write the PNGs, and tear down Megatron's groups (and the default
-        process group unless ``keep_process_group``, so a test can build another Trainer)."""
+    def _stop_early(self, why: str) -> dict:
+        """Save (if there is progress to keep) and report a stop the job should be requeued for."""
+        if not self.cfg.checkpoint.save:
+            if self.rank0:
+                print("[warn] checkpoint.save is not set: the progress of this run is lost", flush=True)
+            return self._finish(exit_codes.FAILED, f"{why}; no checkpoint (checkpoint.save is not set)",
+                                {"stopped_early": True})
+        self.save_checkpoint()  # a no-op when this step's checkpoint exists (just saved, or resumed from)
+        return self._finish(exit_codes.REQUEUE, why, {"stopped_early": True})
+
+    def _finish(self, exit_code: int, outcome: str, extra: dict) -> dict:
+        """The end-of-run summary (console, summary.json) and the result of ``train()``."""
+        t = self.cfg.train
+        start_step = getattr(self, "_start_step", self.step)
+        elapsed = time.perf_counter() - getattr(self, "_started", time.perf_counter())
+        values = getattr(self, "last_values", {})
+        self._write_plots()  # before the summary, so the exit line is the last one
+        self.summary = {
+            "outcome": outcome, "exit_code": exit_code, "step": self.step, "train_steps": t.steps,
+            "steps_this_run": self.step - start_step,
+            "tokens_this_run": (self.step - start_step) * t.global_batch_size * t.seq_length,
+            "tokens_total": self.consumed_train_samples * t.seq_length,
+            "seconds_this_run": round(elapsed, 3), "train_loss": values.get("train/loss"),
+            "eval_loss": self.last_eval_loss, "skipped_steps": self.divergence.total,
+            "checkpoint": self.last_checkpoint, "logs": os.path.abspath(self.cfg.logging.dir),
+        }
+        if self.rank0:
+            s = self.summary
+            losses = f"train loss {s['train_loss']:.4f}" if s["train_loss"] is not None else "no train loss logged"
+            if s["eval_loss"] is not None:
+                losses += f", eval loss {s['eval_loss']:.4f}"
+            print(f"[summary] {s['steps_this_run']} steps ({s['tokens_this_run']:,} tokens) in "
+                  f"{format_duration(elapsed)}; at step {self.step}/{t.steps}, {s['tokens_total']:,} tokens in all; "
+                  f"{losses}; {s['skipped_steps']} skipped updates\n"
+                  f"[summary] checkpoint: {s['checkpoint'] or 'none'}; logs: {s['logs']}", flush=True)
+            with open(os.path.join(self.cfg.logging.dir, run_folder.SUMMARY), "w") as f:
+                json.dump(self.summary, f, indent=1)
+            meaning = {exit_codes.DONE: "done", exit_codes.REQUEUE: "requeue: run the same command to continue",
+                       exit_codes.DIVERGED: "diverged", exit_codes.FAILED: "failed"}[exit_code]
+            print(f"[exit] {outcome} at step {self.step}/{t.steps}; exit code {exit_code} ({meaning})", flush=True)
+        return {"step": self.step, "exit_code": exit_code, "outcome": outcome, **values, **extra}
+
+    def _write_plots(self):
+        """Flush the metrics and draw the run's PNGs (once)."""
+        if self.metrics.closed:
+            return
         self.metrics.close()
         if self.rank0 and self.cfg.logging.plots and self.metrics.history:
             from megatron_gpas.plots import plot_run
 
             for path in plot_run(self.cfg.logging.dir):
                 print(f"[plots] wrote {path}", flush=True)
+
+    def close(self, keep_process_group: bool = False):
+        """Flush logs, write the PNGs, and tear down Megatron's groups (and the default
+        process group unless ``keep_process_group``, so a test can build another Trainer)."""
+        self.stop.restore()
+        self._write_plots()
+        if self.console_log is not None:
+            self.console_log.close()
         distributed.shutdown(keep_process_group=keep_process_group)
