@@ -37,6 +37,7 @@ from megatron_gpas.checkpoint_paths import (LATEST, PARTIAL_SUFFIX, RUN_CONFIG, 
 from megatron_gpas.config import Config, ConfigError, check_vocab_padding, config_from_tree, save_config
 from megatron_gpas.hf.tokenizer_export import copy_into_checkpoint
 from megatron_gpas.model.schemes import SCHEMES
+from megatron_gpas.optim import align_param_groups, restore_schedule
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,10 @@ def load(cfg: Config, path: str, model_chunks, optimizer, scheduler, *, load_opt
     for i, chunk in enumerate(model_chunks):
         unwrap_model(chunk).load_state_dict(state[f"model{i}"], strict=True)
     if load_optimizer and optimizer is not None:
+        saved_schedule = align_param_groups(state["optimizer"], optimizer)  # optim.lr may have changed
         optimizer.load_state_dict(state["optimizer"])
+        if saved_schedule is not None and not cfg.optim.override_schedule:
+            restore_schedule(optimizer, saved_schedule)  # before the scheduler sets each group's LR from them
         scheduler.load_state_dict(state["scheduler"])
     elif optimizer is not None:
         # weights only: a BF16 run's fp32 master weights are copies taken when the optimizer was

@@ -280,6 +280,7 @@ def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
         wd_incr_style="constant",
         # on resume: this config's schedule, or (default) the checkpoint's; the trainer says which
         override_opt_param_scheduler=o.override_schedule,
+        use_checkpoint_opt_param_scheduler=not o.override_schedule,
     )
     return optimizer, scheduler
 
@@ -289,6 +290,55 @@ def lr_schedule(cfg: Config) -> dict[str, float]:
     o = cfg.optim
     return {"optim.lr": o.lr, "optim.min_lr_ratio": o.min_lr_ratio, "optim.warmup_steps": o.warmup_steps,
             "optim.decay_steps (else train.steps)": o.decay_steps or cfg.train.steps}
+
+
+# Parameter-group values that come from the LR/WD schedule (optim.lr, min_lr_ratio, weight decay)
+# rather than from the model: Megatron identifies saved groups by them, among others.
+SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _saved_group_lists(state) -> list[list[dict]]:
+    """The ``param_groups`` lists of a loaded optimizer state dict, in the chained optimizers' order."""
+    if isinstance(state, dict):
+        if isinstance(state.get("param_groups"), list):
+            return [state["param_groups"]]
+        keys = sorted(state, key=lambda k: (not isinstance(k, int), str(k)))
+        return [groups for k in keys for groups in _saved_group_lists(state[k])]
+    return []
+
+
+def align_param_groups(saved_state, optimizer) -> list[dict] | None:
+    """Let a checkpoint's optimizer state load although the schedule changed.
+
+    Megatron finds each saved parameter group by values that include its max/min LR and weight
+    decay, so a resume with another optim.lr fails ("Could not find parameter group"). The groups
+    are built in the same order from the same model, so the saved group i is the current group i:
+    its schedule values are set to the current ones here; returns the saved ones for
+    ``restore_schedule`` (None when the state holds no groups to align)."""
+    saved_lists = _saved_group_lists(saved_state)
+    current_lists = [opt.optimizer.param_groups for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+                     if hasattr(opt, "optimizer")]
+    if not saved_lists:
+        return None
+    if [len(g) for g in saved_lists] != [len(g) for g in current_lists]:
+        raise ConfigError(f"the checkpoint's optimizer has parameter groups {[len(g) for g in saved_lists]} but this "
+                          f"run's has {[len(g) for g in current_lists]}: another optimizer setup (weight decay "
+                          "split, optim.optimizer); resume with checkpoint.load_optimizer=false")
+    saved_values = []
+    for saved_groups, current_groups in zip(saved_lists, current_lists):
+        for saved, current in zip(saved_groups, current_groups):
+            saved_values.append({k: saved[k] for k in SCHEDULE_GROUP_KEYS if k in saved})
+            saved.update({k: current[k] for k in SCHEDULE_GROUP_KEYS if k in current})
+    return saved_values
+
+
+def restore_schedule(optimizer, saved_values: list[dict]) -> None:
+    """Put the checkpoint's schedule values back into the loaded groups (the default on resume:
+    the run continues the schedule it was trained with; optim.override_schedule skips this)."""
+    current = [group for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")
+               for group in opt.optimizer.param_groups]
+    for group, values in zip(current, saved_values):
+        group.update(values)
 
 
 @dataclass

@@ -525,8 +525,8 @@ class Trainer:
         try:
             while self.step < t.steps:
                 # every rank agrees here whether to stop (a signal on any rank, or no time left for
-                # another step and a save: the longest save so far, else twice the longest step)
-                reason = self.stop.agreed(self.device, longest_step, self._save_seconds or 2 * longest_step)
+                # another step and a save)
+                reason = self.stop.agreed(self.device, longest_step, self._expected_save_seconds())
                 if reason:
                     return self._stop_early(self.stop.describe(reason))
                 step = self.step + 1
@@ -567,6 +567,15 @@ class Trainer:
             self.save_checkpoint()
         return self._finish(exit_codes.DONE, "finished", {"eval/loss": self.last_eval_loss})
 
+    def _expected_save_seconds(self) -> float:
+        """What the wall-clock budget reserves for the final save: the longest save so far, else
+        5 s plus this rank's share of the checkpoint (weights, Adam moments and fp32 master
+        copies: 16 bytes a parameter) at 200 MB/s, a conservative shared-filesystem rate."""
+        if self._save_seconds:
+            return self._save_seconds
+        params = sum(p.numel() for chunk in self.model for p in chunk.parameters())
+        return 5.0 + 16 * params / 200e6
+
     def _stop_early(self, why: str) -> dict:
         """Save (if there is progress to keep) and report a stop the job should be requeued for."""
         if not self.cfg.checkpoint.save:
@@ -589,7 +598,8 @@ class Trainer:
             "steps_this_run": self.step - start_step,
             "tokens_this_run": (self.step - start_step) * t.global_batch_size * t.seq_length,
             "tokens_total": self.consumed_train_samples * t.seq_length,
-            "seconds_this_run": round(elapsed, 3), "train_loss": values.get("train/loss"),
+            "seconds_this_run": round(elapsed, 3), "seconds_since_start": round(self.stop.elapsed(), 3),
+            "train_loss": values.get("train/loss"),
             "eval_loss": self.last_eval_loss, "skipped_steps": self.divergence.total,
             "checkpoint": self.last_checkpoint, "logs": os.path.abspath(self.cfg.logging.dir),
         }
