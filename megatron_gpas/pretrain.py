@@ -36,18 +36,20 @@ def run_cli(argv: list[str] | None, prog: str, description: str, overrides_examp
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.INVALID
+    failure = None
     try:
-        result = trainer.train()
-    except Diverged as e:
+        code = trainer.train()["exit_code"]
+    except Diverged as e:  # the trainer has written its summary and exit line
         print(f"error: diverged at {e}", file=sys.stderr)
-        return exit_codes.DIVERGED
+        code = exit_codes.DIVERGED
     except Exception:
-        traceback.print_exc()
-        print(f"[exit] failed at step {trainer.step}; exit code {exit_codes.FAILED}", file=sys.stderr, flush=True)
-        return exit_codes.FAILED
+        failure = traceback.format_exc()
+        code = exit_codes.FAILED
     finally:
         trainer.close()
-    return result["exit_code"]
+    if failure is not None:
+        print(f"{failure}[exit] failed at step {trainer.step}; exit code {code}", file=sys.stderr, flush=True)
+    return code
 
 
 def _pretrain_trainer(config_path, overrides, force):

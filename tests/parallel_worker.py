@@ -44,6 +44,12 @@ from megatron_gpas.config import load_config  # noqa: E402
 from megatron_gpas.training import Trainer  # noqa: E402
 
 
+def _trainer(overrides: list[str]) -> Trainer:
+    """A Trainer that may take over its log folder: the cases of a launch run one after another
+    in shared folders, and the tests compare the numbers each case records, not its logs."""
+    return Trainer(load_config(None, overrides), force=True)
+
+
 def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -186,7 +192,7 @@ def run_save_init(case: dict) -> dict:
     ``zero_final_bias`` the final norm keeps no bias) before saving;
     ``probe`` {tokens, greedy_prompt, greedy_steps, out} saves the model's logits on ``tokens``
     and its greedy continuation of ``greedy_prompt`` (no KV cache) to ``out`` (torch.save)."""
-    trainer = Trainer(load_config(None, case["overrides"]))
+    trainer = _trainer(case["overrides"])
     try:
         if "randomize" in case:
             from megatron.core.utils import unwrap_model
@@ -223,7 +229,7 @@ def _probe(trainer: Trainer, probe: dict) -> dict:
 def _build_trainer(case: dict, out: dict) -> Trainer:
     """Trainer(...); with ``structure``, the layers are recorded before any checkpoint loads."""
     if not case.get("structure"):
-        return Trainer(load_config(None, case["overrides"]))
+        return _trainer(case["overrides"])
     original = Trainer._maybe_resume
 
     def maybe_resume(self):
@@ -232,7 +238,7 @@ def _build_trainer(case: dict, out: dict) -> Trainer:
 
     Trainer._maybe_resume = maybe_resume
     try:
-        return Trainer(load_config(None, case["overrides"]))
+        return _trainer(case["overrides"])
     finally:
         Trainer._maybe_resume = original
 
@@ -278,7 +284,7 @@ def run_audit(case: dict) -> dict:
 def run_expect_error(case: dict) -> dict:
     trainer = None
     try:
-        trainer = Trainer(load_config(None, case["overrides"]))
+        trainer = _trainer(case["overrides"])
     except Exception as e:  # noqa: BLE001 - the point is to record it
         # whether it got as far as the process group (validation errors must not)
         process_group = dist.is_initialized()
@@ -295,7 +301,7 @@ def run_crash_save(case: dict) -> dict:
     root = case["root"]
     cfg_overrides = case["overrides"]
     out: dict = {"latest_before": checkpoint.find_latest(root)}
-    trainer = Trainer(load_config(None, cfg_overrides))
+    trainer = _trainer(cfg_overrides)
     try:
         out["resumed_step_before"] = trainer.step
         crash_step = trainer.step + 1
@@ -329,7 +335,7 @@ def run_crash_save(case: dict) -> dict:
     finally:
         trainer.close(keep_process_group=True)
     # A brand-new trainer resumes from the last complete checkpoint, not the crashed one.
-    trainer = Trainer(load_config(None, cfg_overrides))
+    trainer = _trainer(cfg_overrides)
     try:
         out["resumed_step_after"] = trainer.step
         out["resumed_consumed_after"] = trainer.consumed_train_samples

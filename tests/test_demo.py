@@ -55,7 +55,7 @@ def test_demo_quick_runs_and_reports(demo_run):
 def test_demo_outputs_exist(demo_run):
     out, _, _ = demo_run
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard event file"
-    for name in ("metrics.jsonl", "loss.png", "gates.png", "train.log", "summary.json"):
+    for name in ("metrics.jsonl", "loss.png", "gates.png", "train.log", "summary.json", "demo_summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for png in ("loss.png", "gates.png", "activation_variance.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -122,7 +122,7 @@ def test_loss_decreased(demo_run):
     assert train[0] == pytest.approx(math.log(32000), abs=0.3)  # uniform over the 32k vocabulary at init
     assert train[-1] < train[0] - 1.0, train
     assert evals[-1] < train[0] - 1.0 and evals[-1] <= evals[0] + 0.05, evals
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["passed"] is True
     assert summary["first_train_loss"] == pytest.approx(train[0])
     assert summary["final_train_loss"] == pytest.approx(train[-1])

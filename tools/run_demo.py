@@ -57,7 +57,7 @@ QUICK_OVERRIDES = [
 ]
 
 # Library warnings that say nothing about this run (no apex/TE on CPU, deprecations); they stay
-# in train.log but are kept off the console.
+# in the trainer's train.log but are kept off the console.
 _NOISE = re.compile(
     r"site-packages/.*(Warning:|\.py:\d+\])"  # warnings.warn(...) / torch's C++ log lines
     r"|^WARNING megatron\.core\."  # Megatron's deprecation notices
@@ -151,33 +151,31 @@ def prepare_out_dir(out: Path) -> None:
 
 
 def pretrain(config: Path, overrides: list[str], out: Path) -> int:
-    """Run the trainer; full output to out/train.log, the console without library warning noise."""
+    """Run the trainer (it writes its whole console, warnings included, to out/train.log); the
+    console here shows it without library warning noise."""
     cmd = [sys.executable, "-m", "megatron_gpas.pretrain", "--config", str(config), *overrides]
     _say("$ " + shlex.join(["python", *cmd[1:]]))
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     hidden_continuation = False
-    with open(out / "train.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", bufsize=1)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                log.flush()
-                if _NOISE.search(line):
-                    hidden_continuation = True
-                    continue
-                # the source line that Python prints under a warning is indented
-                if hidden_continuation and line.startswith("  "):
-                    continue
-                hidden_continuation = False
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", bufsize=1)
+    try:
+        for line in proc.stdout:
+            if _NOISE.search(line):
+                hidden_continuation = True
+                continue
+            # the source line that Python prints under a warning is indented
+            if hidden_continuation and line.startswith("  "):
+                continue
+            hidden_continuation = False
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        raise
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -263,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     summary, ok = summarize(out, args.min_drop)
     timings["total"] = time.monotonic() - started
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     events = sorted(out.glob("events.out.tfevents.*"))
     ckpt_root = out / "checkpoints"
