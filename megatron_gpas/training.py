@@ -34,6 +34,7 @@ from megatron_gpas.config import Config, ConfigError, data_parallel_size, padded
 from megatron_gpas.data.datasets import (
     build_datasets,
     build_loader,
+    check_data_vocabulary,
     check_indexed_dataset,
     check_split,
     describe_blend,
@@ -78,6 +79,25 @@ def load_run_tokenizer(cfg: Config):
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{cfg.model.vocab_size}: the embedding must cover every token id"
         )
+    return tokenizer
+
+
+def check_before_start(cfg: Config, pretraining_data: bool = True, world_size: int | None = None):
+    """Every check of a start that needs no process group (the Trainer runs them first; --dry-run
+    runs them alone); returns the run's tokenizer. ``pretraining_data``: the run reads the indexed
+    datasets of data.paths (not data a caller supplies)."""
+    validate(cfg, world_size)
+    tokenizer = load_run_tokenizer(cfg)
+    if pretraining_data:
+        if cfg.sft.train_files:
+            raise ConfigError("this config holds fine-tuning data (sft.train_files): run it with "
+                              "python -m megatron_gpas.finetune")
+        for prefix in cfg.data.paths:
+            check_indexed_dataset(prefix)
+        check_split(cfg.data.paths, cfg.data.split)
+        for warning in check_data_vocabulary(cfg, tokenizer):
+            if distributed.launch_rank() == 0:
+                print(f"[data] warning: {warning}", flush=True)
     return tokenizer
 
 
@@ -141,15 +161,7 @@ class Trainer:
         calculate_per_token_loss) rather than every micro-batch; for data whose micro-batches
         hold different numbers of loss tokens (fine-tuning)."""
         # Everything that can be wrong with the request fails here, before process groups.
-        validate(cfg)
-        self.tokenizer = load_run_tokenizer(cfg)
-        if data_builder is None:
-            if cfg.sft.train_files:
-                raise ConfigError("this config holds fine-tuning data (sft.train_files): run it with "
-                                  "python -m megatron_gpas.finetune")
-            for prefix in cfg.data.paths:
-                check_indexed_dataset(prefix)
-            check_split(cfg.data.paths, cfg.data.split)
+        self.tokenizer = check_before_start(cfg, pretraining_data=data_builder is None)
 
         self.cfg = cfg
         self.data_builder = data_builder
