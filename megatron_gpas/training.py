@@ -264,7 +264,8 @@ class Trainer:
             f"vocab={padded_vocab_size(cfg.model, p.tensor)} params on rank 0: {n_params / 1e6:.2f}M\n"
             f"[setup] world={self.world_size} TP={p.tensor} PP={p.pipeline} VP={p.virtual_pipeline} DP={self.dp} "
             f"SP={p.sequence_parallel} dist-opt={p.distributed_optimizer} micro-batches/step={self.num_microbatches}\n"
-            f"[setup] logs: {os.path.abspath(cfg.logging.dir)}",
+            f"[setup] logs: {os.path.abspath(cfg.logging.dir)}"
+            + ("\n[setup] evaluation off (train.eval_iters=0)" if cfg.train.eval_iters == 0 else ""),
             flush=True,
         )
         if self.routing is not None:
@@ -341,8 +342,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Token-mean loss over the first ``train.eval_iters`` global batches of the validation
-        set (fewer if it is shorter)."""
-        if self.valid_ds is None:
+        set (fewer if it is shorter); None without validation data or with eval_iters=0."""
+        if self.valid_ds is None or self.cfg.train.eval_iters == 0:
             return None
         num_batches = min(self.cfg.train.eval_iters, len(self.valid_ds) // self.cfg.train.global_batch_size)
         loss_sum, tokens = self.evaluate_dataset(self.valid_ds, num_batches)
@@ -389,6 +390,8 @@ class Trainer:
                 values[f"gpas/scale/layer_{l}{suffix}"] = float(scale)
 
     def _eval_and_log(self):
+        if self.cfg.train.eval_iters == 0:  # evaluation off (said once, at set-up)
+            return
         loss = self.evaluate()
         if loss is None:
             if self.rank0 and not self._warned_no_valid:
