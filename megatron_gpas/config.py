@@ -440,9 +440,14 @@ def apply_preset(cfg: Config, explicit: set[str] = frozenset()) -> None:
             setattr(cfg.model, key, value)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The whole config as YAML (every key, the preset expanded), loadable as a config file."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.write(config_yaml(cfg))
 
 
 # --------------------------------------------------------------------------- derived values
