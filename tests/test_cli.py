@@ -1,6 +1,6 @@
 """The command line of pretraining and fine-tuning, through real processes: --print-config,
 --dry-run (checks and parameter counts, against a closed-form count), what the libraries may
-print (logging.verbose), evaluation off (train.eval_iters=0).
+print (logging.verbose), evaluation off (train.eval_iters=0), and the README's commands.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from megatron_gpas.config import load_config
+from megatron_gpas.config import ConfigError, load_config
 from synthetic import write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +180,48 @@ def test_a_run_shows_only_its_own_lines_and_no_evaluation_with_eval_iters_0(data
     assert "[eval]" not in proc.stdout and "no validation data" not in proc.stdout
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert metrics and not any(key.startswith("eval/") for record in metrics for key in record)
+
+
+# --------------------------------------------------------------------------- the README's commands
+
+
+def _documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) of every pretraining command in the README and docs whose config file exists
+    (shell loops with variables are left out)."""
+    commands = []
+    for doc in [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())  # join continued lines
+        for n, line in enumerate(text.splitlines(), start=1):
+            line = line.split("#")[0] if line.lstrip().startswith(("python", "torchrun")) else line
+            if "megatron_gpas.pretrain --config" not in line or "$" in line or "`" in line:
+                continue
+            argv = shlex.split(line.strip())
+            config = argv[argv.index("--config") + 1]
+            if (REPO_ROOT / config).is_file():
+                commands.append((f"{doc.name}:{n}", argv))
+    return commands
+
+
+def test_every_documented_pretraining_command_is_valid():
+    from megatron_gpas.model.spec import transformer_engine_available
+    from megatron_gpas.validation import validate
+
+    commands = _documented_commands()
+    if not transformer_engine_available():  # docs/gpu-validation.md's commands need a GPU
+        commands = [(where, argv) for where, argv in commands if "model.backend=te" not in argv]
+    assert any(argv[0] == "torchrun" for _, argv in commands)  # the README's parallel example is among them
+    for where, argv in commands:
+        def option(name: str, default: int) -> int:
+            return int(argv[argv.index(name) + 1]) if name in argv else default
+
+        start = argv.index("--config") + 2
+        rest = argv[start:]
+        overrides = [a for i, a in enumerate(rest) if not a.startswith("--") and rest[i - 1] != "--world-size"]
+        cfg = load_config(REPO_ROOT / argv[start - 1], overrides)
+        p = cfg.parallel
+        world = option("--nproc-per-node", 1) * option("--nnodes", 1) if argv[0] == "torchrun" else \
+            option("--world-size", p.tensor * p.pipeline)  # (a dry run's default)
+        try:  # (the data are fetched or made by `make demo`)
+            validate(cfg, world_size=world, check_files=False)
+        except ConfigError as e:
+            raise AssertionError(f"{where}: {' '.join(argv)}: {e}") from e
