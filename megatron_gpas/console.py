@@ -16,8 +16,10 @@ from __future__ import annotations
 import logging
 import warnings
 
-# Python warnings raised from these packages' own code (megatron_gpas is not one of them).
-_QUIET_WARNING_MODULES = r"(megatron|transformer_engine|apex)(\.|$)"
+# Python warnings raised from these packages' own code (megatron_gpas is not one of them), and
+# torch.distributed's deprecation notices of collectives that Megatron-Core calls (they are raised
+# from the wrapper module c10d_logger under TP/SP and the distributed optimizer).
+_QUIET_WARNING_MODULES = r"(megatron|transformer_engine|apex|torch\.distributed\.c10d_logger)(\.|$)"
 # Loggers whose warnings and INFO messages are library noise.
 _QUIET_LOGGERS = ("megatron", "transformer_engine", "torch.utils.cpp_extension")
 # Loggers whose INFO messages verbose mode shows (the root logger stays at WARNING).
