@@ -113,11 +113,15 @@ def build_config(args):
 
 def build_dataset(cfg, split: str, num_batches: int | None, tokenizer, log):
     """(dataset, number of global batches, sequences in it): the GPTDataset of ``split``."""
-    from megatron_gpas.data.datasets import PadToLength, build_datasets, check_indexed_dataset, check_split
+    from megatron_gpas.data.datasets import (PadToLength, build_datasets, check_data_vocabulary, check_indexed_dataset,
+                                             check_split)
 
     for prefix in cfg.data.paths:
         check_indexed_dataset(prefix)
     check_split(cfg.data.paths, cfg.data.split)
+    for warning in check_data_vocabulary(cfg, tokenizer):  # the checkpoint's tokenizer and vocabulary
+        if log:
+            log(f"[data] warning: {warning}")
     index, gbs = SPLIT_INDEX[split], cfg.train.global_batch_size
     cache_dir = cfg.data.cache_dir  # None: indices built in memory on every rank
 
