@@ -620,8 +620,8 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
     need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
     need(world_size % (p.tensor * p.pipeline) == 0,
          f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
-         f"({p.tensor} × {p.pipeline}); run {' or '.join(map(str, nearest_multiples(world_size, p.tensor * p.pipeline)))} "
-         "processes, or change the layout")
+         f"({p.tensor} × {p.pipeline}); run "
+         f"{' or '.join(map(str, nearest_multiples(world_size, p.tensor * p.pipeline)))} processes, or change the layout")
     dp = data_parallel_size(cfg, world_size)
 
     # batch and sequence

@@ -70,7 +70,7 @@ def test_data_of_another_tokenizer_is_refused_naming_both(tmp_path):
 def test_ids_beyond_the_vocabulary_in_unreported_data_are_found_by_a_scan(tmp_path, capsys):
     """No report (data written by other tools): the .bin is scanned; the first bad id is named."""
     prefix = write_synthetic_dataset(str(tmp_path / "synthetic"), vocab_size=512, num_docs=DOCS, doc_len=40)
-    with pytest.raises(DataCorruptError, match=rf"'{prefix}' holds token id \d{{3}} .* but model\.vocab_size has 256 ids"):
+    with pytest.raises(DataCorruptError, match=rf"'{prefix}' holds token id \d{{3}} .* but model\.vocab_size has 256"):
         check_before_start(run_config(prefix, vocab=256), world_size=1)
     check_before_start(run_config(prefix, vocab=512), world_size=1)  # the right vocabulary passes
     assert f"[data] warning: {prefix}: no tokenizer recorded" in capsys.readouterr().out

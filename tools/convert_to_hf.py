@@ -41,14 +41,16 @@ def main(argv=None) -> int:
     p.add_argument("output_dir")
     p.add_argument("--format", choices=("auto", "llama", "custom"), default="auto",
                    help="auto: stock Llama where exact, else custom code (default); llama: fail if not exact")
-    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto", help="weight dtype (auto: the checkpoint's)")
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
+                   help="weight dtype (auto: the checkpoint's)")
     p.add_argument("--fold-tolerance", type=float, default=None,
                    help="accepted relative logit error of a folded Llama (default 1e-4 fp32, 2e-2 bf16)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 2GB, 500MB)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/dir, if the checkpoint carries none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--verbose", action="store_true", help="also show Megatron-Core's and PyTorch's warnings and INFO messages")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Megatron-Core's and PyTorch's warnings and INFO messages")
     args = p.parse_args(argv)
     console.configure(args.verbose)
     if not args.verbose:

@@ -84,7 +84,7 @@ def _common_tokenizer(prefixes: Sequence[str]) -> tuple[dict | None, int | None]
         if tokenizer_identity(desc) != tokenizer_identity(tokenizers[0][1]):
             raise ValueError(f"cannot merge datasets tokenized with different tokenizers: {tokenizers[0][0]} "
                              f"({describe_briefly(tokenizers[0][1])}) and {prefix} ({describe_briefly(desc)})")
-    max_ids = [r.get("max_token_id") for r in reports if r.get("tokens_written") != 0]  # (a shard of no tokens has none)
+    max_ids = [r.get("max_token_id") for r in reports if r.get("tokens_written") != 0]  # (no tokens: no largest id)
     tokenizer = tokenizers[0][1] if tokenizers and len(tokenizers) == len(prefixes) else None
     max_id = max((m for m in max_ids if m is not None), default=None) if None not in max_ids else None
     return tokenizer, max_id
