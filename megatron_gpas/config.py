@@ -313,11 +313,14 @@ def _coerce(value, tp, where: str):
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{where}' must be a number, got {value!r}")
+        # no key means infinity or NaN (optim.lr=.inf writes NaN weights); 0 is "off" where there is one
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{where}' must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -437,9 +440,14 @@ def apply_preset(cfg: Config, explicit: set[str] = frozenset()) -> None:
             setattr(cfg.model, key, value)
 
 
+def config_yaml(cfg: Config) -> str:
+    """The whole config as YAML (every key, the preset expanded), loadable as a config file."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     with open(path, "w") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+        f.write(config_yaml(cfg))
 
 
 # --------------------------------------------------------------------------- derived values
@@ -468,6 +476,88 @@ def padded_vocab_size(m: ModelConfig, tensor_parallel: int) -> int:
 # --------------------------------------------------------------------------- validation
 
 
+def _at_least(bound):
+    return lambda v: v >= bound
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+# Ranges of single keys: (dotted key, test, what the key must be). Keys whose 0 means "off" say so.
+KEY_RANGES: list[tuple[str, Any, str]] = [
+    ("model.make_vocab_size_divisible_by", _at_least(1), ">= 1"),
+    ("model.max_seq_length", _positive, "positive"),
+    ("model.rope_base", _positive, "positive"),
+    ("model.init_std", _at_least(0), ">= 0"),
+    ("model.embedding_init_std", _at_least(0), ">= 0"),
+    ("norm.eps", _at_least(0), ">= 0"),
+    ("train.steps", _positive, "positive"),
+    ("train.micro_batch_size", _positive, "positive"),
+    ("train.global_batch_size", _positive, "positive"),
+    ("train.seed", _at_least(0), ">= 0"),
+    ("train.eval_interval", _at_least(0), ">= 0 (0 = evaluate only at the end)"),
+    ("train.eval_iters", _at_least(0), ">= 0 (0 = no evaluation)"),
+    ("train.exit_after_steps", _at_least(0), ">= 0 (0 = off)"),
+    ("train.exit_duration_minutes", _at_least(0), ">= 0 (0 = off)"),
+    ("train.max_skipped_steps", _at_least(0), ">= 0 (0 = never halt)"),
+    # a factor <= 1 would skip every step whose loss is above the running mean
+    ("train.loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1"),
+    ("train.loss_spike_window", _at_least(1), ">= 1"),
+    ("optim.lr", _positive, "positive"),
+    ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("optim.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("optim.adam_eps", _positive, "positive"),
+    ("optim.weight_decay", _at_least(0), ">= 0"),
+    ("optim.clip_grad", _at_least(0), ">= 0 (0 disables)"),
+    ("gpas.clip_grad", _at_least(0), ">= 0 (0 disables)"),
+    ("data.num_workers", _at_least(0), ">= 0"),
+    ("checkpoint.save_interval", _at_least(0), ">= 0 (0 = only at the end)"),
+    ("logging.interval", _at_least(1), ">= 1"),
+]
+
+
+def _dotted(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def non_finite_keys(node, path: str = "") -> list[tuple[str, float]]:
+    """(dotted key, value) of every float in a config (sections, lists, mappings) that is inf or NaN.
+    Loading rejects them already; this catches configs built or changed in code."""
+    if dataclasses.is_dataclass(node):
+        return [bad for f in fields(node)
+                for bad in non_finite_keys(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)]
+    if isinstance(node, dict):
+        return [bad for key, value in node.items() for bad in non_finite_keys(value, f"{path}.{key}")]
+    if isinstance(node, list):
+        return [bad for i, value in enumerate(node) for bad in non_finite_keys(value, f"{path}[{i}]")]
+    return [(path, node)] if isinstance(node, float) and not math.isfinite(node) else []
+
+
+def nearest_multiples(value: int, k: int) -> list[int]:
+    """The positive multiples of ``k`` just below and just above ``value``."""
+    below = value // k * k
+    return [m for m in (below, below + k) if m > 0]
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _ffn_suggestion(ffn: int, tp: int) -> str:
+    """Nearby FFN widths that split over ``tp`` ranks: the nearest ones, and GEMM-friendly ones
+    (multiples of 64 per rank; Llama rounds its widths to multiples of 256)."""
+    step = math.lcm(64 * tp, 256)
+    nearest = " or ".join(map(str, nearest_multiples(ffn, tp)))
+    friendly = " or ".join(map(str, nearest_multiples(ffn, step)))
+    return (f"the nearest widths that split over {tp} ranks are {nearest}; GEMM-friendly ones (multiples of "
+            f"{step}: 64-aligned per rank, 256-aligned as Llama's) are {friendly}")
+
+
 def validate_settings(cfg: Config, world_size: int | None = None, check_files: bool = True,
                       require_data: bool = True) -> None:
     """The checks that need no model code: shapes, parallel layout, batch, optimizer numbers,
@@ -485,9 +575,18 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
 
+    for key, value in non_finite_keys(cfg):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
+    for key, ok, rule in KEY_RANGES:
+        value = _dotted(cfg, key)
+        need(ok(value), f"{key} must be {rule}, got {value}")
+
     # shape
     for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size"):
         need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    for key in ("num_query_groups", "kv_channels"):
+        value = getattr(m, key)
+        need(value is None or value > 0, f"model.{key} must be positive (or null), got {value}")
     if m.kv_channels is None:
         need(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_attention_heads "
@@ -495,58 +594,60 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
     groups = m.num_query_groups or m.num_attention_heads
     need(m.num_attention_heads % groups == 0,
          f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
-         f"model.num_query_groups ({groups})")
+         f"model.num_query_groups ({groups}); divisors of {m.num_attention_heads}: "
+         f"{', '.join(map(str, divisors(m.num_attention_heads)))}")
 
     # parallel layout
     for key in ("tensor", "pipeline", "virtual_pipeline"):
         need(getattr(p, key) >= 1, f"parallel.{key} must be >= 1, got {getattr(p, key)}")
     need(m.num_attention_heads % p.tensor == 0,
-         f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor})")
+         f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor}); "
+         f"parallel.tensor can be {', '.join(map(str, divisors(m.num_attention_heads)))}")
     need(groups % p.tensor == 0,
          f"KV groups (model.num_query_groups = {groups}) are not divisible by parallel.tensor ({p.tensor}); "
-         "each tensor-parallel rank needs whole KV groups")
+         f"each tensor-parallel rank needs whole KV groups: parallel.tensor can be "
+         f"{', '.join(map(str, divisors(groups)))}")
     need(m.ffn_hidden_size % p.tensor == 0,
-         f"model.ffn_hidden_size ({m.ffn_hidden_size}) is not divisible by parallel.tensor ({p.tensor})")
+         f"model.ffn_hidden_size ({m.ffn_hidden_size}) is not divisible by parallel.tensor ({p.tensor}): "
+         + _ffn_suggestion(m.ffn_hidden_size, p.tensor))
     chunks = p.pipeline * p.virtual_pipeline
     need(m.num_layers % chunks == 0,
          f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline × parallel.virtual_pipeline "
-         f"({p.pipeline} × {p.virtual_pipeline} = {chunks})")
+         f"({p.pipeline} × {p.virtual_pipeline} = {chunks}); the product can be "
+         f"{', '.join(map(str, divisors(m.num_layers)))}")
     need(p.virtual_pipeline == 1 or p.pipeline > 1,
          "parallel.virtual_pipeline > 1 needs parallel.pipeline > 1")
     need(not p.sequence_parallel or p.tensor > 1, "parallel.sequence_parallel needs parallel.tensor > 1")
     need(world_size % (p.tensor * p.pipeline) == 0,
          f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline "
-         f"({p.tensor} × {p.pipeline})")
+         f"({p.tensor} × {p.pipeline}); run "
+         f"{' or '.join(map(str, nearest_multiples(world_size, p.tensor * p.pipeline)))} processes, or change the layout")
     dp = data_parallel_size(cfg, world_size)
 
     # batch and sequence
-    need(t.steps > 0, f"train.steps must be positive, got {t.steps}")
-    need(t.micro_batch_size > 0, f"train.micro_batch_size must be positive, got {t.micro_batch_size}")
     need(t.global_batch_size % (t.micro_batch_size * dp) == 0,
          f"train.global_batch_size ({t.global_batch_size}) is not divisible by train.micro_batch_size × "
-         f"data-parallel size ({t.micro_batch_size} × {dp})")
+         f"data-parallel size ({t.micro_batch_size} × {dp}), e.g. train.global_batch_size="
+         f"{' or '.join(map(str, nearest_multiples(t.global_batch_size, t.micro_batch_size * dp)))}")
     need(0 < t.seq_length <= m.max_seq_length,
          f"train.seq_length ({t.seq_length}) exceeds the model's limit model.max_seq_length "
          f"({m.max_seq_length}{', preset ' + m.preset if m.preset else ''})")
     if p.sequence_parallel:
         need(t.seq_length % p.tensor == 0,
              f"train.seq_length ({t.seq_length}) must be divisible by parallel.tensor ({p.tensor}) "
-             "with sequence parallelism")
+             f"with sequence parallelism, e.g. {' or '.join(map(str, nearest_multiples(t.seq_length, p.tensor)))}")
     if p.virtual_pipeline > 1:
         micro = t.global_batch_size // (t.micro_batch_size * dp)
         need(micro % p.pipeline == 0,
              f"interleaved pipelining needs the number of microbatches ({micro}) to be a multiple of "
              f"parallel.pipeline ({p.pipeline})")
 
-    # optimizer
-    need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
-    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    # optimizer (the single-key ranges are in KEY_RANGES)
+    need(o.decay_steps is None or o.decay_steps > 0,
+         f"optim.decay_steps must be positive (or null = train.steps), got {o.decay_steps}")
     need(0 <= o.warmup_steps < (o.decay_steps or t.steps),
          f"optim.warmup_steps ({o.warmup_steps}) must be >= 0 and below the decay steps "
          f"({o.decay_steps or t.steps}: optim.decay_steps, else train.steps)")
-    need(o.clip_grad >= 0, f"optim.clip_grad must be >= 0 (0 disables), got {o.clip_grad}")
-    need(cfg.gpas.clip_grad >= 0, f"gpas.clip_grad must be >= 0 (0 disables), got {cfg.gpas.clip_grad}")
-    need(cfg.norm.eps >= 0, f"norm.eps must be >= 0, got {cfg.norm.eps}")
 
     # runtime availability
     if t.fp8 is not None:

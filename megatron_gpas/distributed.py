@@ -22,6 +22,12 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher gives it (torchrun, else SLURM), known before any
+    process group starts."""
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -38,7 +44,7 @@ def init_distributed(cfg: Config) -> torch.device:
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
         cpu_runtime.activate()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    rank = launch_rank()
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if not on_cpu:

@@ -2,6 +2,7 @@
 
     python -m megatron_gpas.finetune --config examples/finetune_demo.yaml [section.key=value ...]
     torchrun --nproc-per-node 2 -m megatron_gpas.finetune --config FILE parallel.tensor=2 ...
+    (--print-config and --dry-run as for megatron_gpas.pretrain)
 
 The pretraining trainer with the same parallelism, logging and checkpoints. What differs:
   * data: the JSONL instruction files of ``sft.*`` (megatron_gpas/data/instruct.py), not data.paths;
@@ -25,7 +26,9 @@ import yaml
 from megatron_gpas.checkpoint_paths import pretrained_checkpoint
 from megatron_gpas.config import (Config, ConfigError, check_vocab_padding, config_from_tree, inherit_architecture,
                                   load_tree)
-from megatron_gpas.validation import validate
+
+# (megatron_gpas.validation and the training modules import Megatron-Core: they are imported where
+# needed, after the command line has decided what the libraries may print, megatron_gpas.console)
 
 
 def is_logging_process() -> bool:
@@ -36,7 +39,7 @@ def is_logging_process() -> bool:
 def architecture_source(cfg: Config) -> str | None:
     """The checkpoint whose run_config.yaml gives the network: this run's own latest
     checkpoint under checkpoint.load when there is one (a resume), else checkpoint.pretrained."""
-    from megatron_gpas.checkpoint import CheckpointError, find_latest
+    from megatron_gpas.checkpoint_paths import CheckpointError, find_latest
 
     if cfg.checkpoint.load:
         try:
@@ -53,7 +56,17 @@ def architecture_source(cfg: Config) -> str | None:
 def load_finetune_config(path: str | None, overrides: list[str] | None = None) -> tuple[Config, str | None]:
     """(config, architecture checkpoint): the file and overrides, with what they leave out of
     the network taken from the checkpoint, gates frozen unless said otherwise; validated."""
-    from megatron_gpas.checkpoint import RUN_CONFIG, CheckpointError, check_compatible
+    cfg, source, saved = resolve_finetune_config(path, overrides)
+    check_finetune_config(cfg, source, saved)
+    return cfg, source
+
+
+def resolve_finetune_config(path: str | None, overrides: list[str] | None = None) \
+        -> tuple[Config, str | None, dict | None]:
+    """(config, architecture checkpoint, its saved run config): the file and overrides, with what
+    they leave out of the network taken from the checkpoint, gates frozen unless said otherwise;
+    not validated yet (``check_finetune_config``)."""
+    from megatron_gpas.checkpoint_paths import RUN_CONFIG
 
     tree = load_tree(path, overrides)
     source = architecture_source(config_from_tree(tree))  # (typed) checkpoint keys first
@@ -68,19 +81,25 @@ def load_finetune_config(path: str | None, overrides: list[str] | None = None) -
     gpas = dict(tree.get("gpas") or {})
     gpas.setdefault("freeze", True)  # the fine-tuning default; gpas.freeze=false unfreezes
     tree["gpas"] = gpas
-    cfg = config_from_tree(tree)
+    return config_from_tree(tree), source, saved
+
+
+def check_finetune_config(cfg: Config, source: str | None, saved: dict | None, world_size: int | None = None) -> None:
+    """The fine-tuning data keys, the config (``validate``) and its agreement with the checkpoint."""
+    from megatron_gpas.checkpoint import CheckpointError, check_compatible
+    from megatron_gpas.validation import validate
+
     if cfg.data.paths:
         raise ConfigError("data.paths is pretraining data; fine-tuning reads the JSONL files of sft.train_files")
     if not cfg.sft.train_files:
         raise ConfigError("sft.train_files is empty: give the JSONL file(s) of instruction examples")
-    validate(cfg)
+    validate(cfg, world_size)
     if source is not None:
         try:
             check_compatible(cfg, source)
         except CheckpointError as e:
             raise ConfigError(str(e)) from e
         check_vocab_padding(cfg, saved)
-    return cfg, source
 
 
 def build_trainer(cfg: Config, source: str | None = None, log=None, force: bool = False):
@@ -95,16 +114,31 @@ def build_trainer(cfg: Config, source: str | None = None, log=None, force: bool 
     return Trainer(cfg, data_builder=lambda _: (data.train, data.valid), per_token_loss=True, force=force)
 
 
-def _finetune_trainer(config_path, overrides, force):
-    cfg, source = load_finetune_config(config_path, overrides)
-    return build_trainer(cfg, source, log=print if is_logging_process() else None, force=force)
+def _finetune_plan(config_path, overrides):
+    from megatron_gpas.pretrain import RunPlan
+
+    cfg, source, saved = resolve_finetune_config(config_path, overrides)
+    log = print if is_logging_process() else None
+
+    def check(world_size: int) -> None:  # --dry-run: the checks, and the instruction data read as a start does
+        from megatron_gpas.data.instruct import build_instruct_datasets
+        from megatron_gpas.training import load_run_tokenizer
+
+        check_finetune_config(cfg, source, saved, world_size)
+        build_instruct_datasets(cfg, load_run_tokenizer(cfg), log=log)
+
+    def make_trainer(force: bool):
+        check_finetune_config(cfg, source, saved)
+        return build_trainer(cfg, source, log=log, force=force)
+
+    return RunPlan(cfg, check, make_trainer)
 
 
 def main(argv: list[str] | None = None) -> int:
     from megatron_gpas.pretrain import run_cli
 
     return run_cli(argv, "python -m megatron_gpas.finetune", __doc__, "sft.packing=false optim.lr=1e-5",
-                   _finetune_trainer)
+                   _finetune_plan)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,21 @@ class Tokenizer:
         return f"{type(self).__name__}(name={self.name!r}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
 
+def tokenizer_identity(desc: dict) -> dict:
+    """What makes two tokenizers the same, from ``Tokenizer.describe()``: kind and options, the
+    hashes of the files, vocabulary size and end-of-document id; not where the files are."""
+    identity = {k: v for k, v in desc["config"].items() if k not in ("path", "merges_path")}
+    identity.update(sha256=desc["sha256"], vocab_size=desc["vocab_size"], eod_id=desc["eod_id"])
+    return identity
+
+
+def describe_briefly(desc: dict) -> str:
+    """A ``describe()`` in a few words, for messages: name, file, vocabulary and end-of-document id."""
+    where = desc["config"].get("path")
+    return (f"{desc['name']}{f' ({where})' if where else ''}, vocabulary {desc['vocab_size']}, "
+            f"end-of-document id {desc['eod_id']}")
+
+
 class _FileTokenizer(Tokenizer):
     """A tokenizer loaded from local files; pickles by its constructor arguments."""
 

@@ -34,6 +34,7 @@ from megatron_gpas.config import Config, ConfigError, config_from_tree, data_par
 from megatron_gpas.data.datasets import (
     build_datasets,
     build_loader,
+    check_data_vocabulary,
     check_indexed_dataset,
     check_split,
     describe_blend,
@@ -80,6 +81,25 @@ def load_run_tokenizer(cfg: Config):
             f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{cfg.model.vocab_size}: the embedding must cover every token id"
         )
+    return tokenizer
+
+
+def check_before_start(cfg: Config, pretraining_data: bool = True, world_size: int | None = None):
+    """Every check of a start that needs no process group (the Trainer runs them first; --dry-run
+    runs them alone); returns the run's tokenizer. ``pretraining_data``: the run reads the indexed
+    datasets of data.paths (not data a caller supplies)."""
+    validate(cfg, world_size)
+    tokenizer = load_run_tokenizer(cfg)
+    if pretraining_data:
+        if cfg.sft.train_files:
+            raise ConfigError("this config holds fine-tuning data (sft.train_files): run it with "
+                              "python -m megatron_gpas.finetune")
+        for prefix in cfg.data.paths:
+            check_indexed_dataset(prefix)
+        check_split(cfg.data.paths, cfg.data.split)
+        for warning in check_data_vocabulary(cfg, tokenizer):
+            if distributed.launch_rank() == 0:
+                print(f"[data] warning: {warning}", flush=True)
     return tokenizer
 
 
@@ -152,16 +172,8 @@ class Trainer:
         # the wall-clock budget (train.exit_duration_minutes) counts from here, set-up included
         self.stop = StopRequest(budget_s=cfg.train.exit_duration_minutes * 60)
         # Everything that can be wrong with the request fails here, before process groups.
-        validate(cfg)
+        self.tokenizer = check_before_start(cfg, pretraining_data=data_builder is None)
         run_folder.check_ownership(cfg, force)
-        self.tokenizer = load_run_tokenizer(cfg)
-        if data_builder is None:
-            if cfg.sft.train_files:
-                raise ConfigError("this config holds fine-tuning data (sft.train_files): run it with "
-                                  "python -m megatron_gpas.finetune")
-            for prefix in cfg.data.paths:
-                check_indexed_dataset(prefix)
-            check_split(cfg.data.paths, cfg.data.split)
 
         self.cfg = cfg
         self.data_builder = data_builder
@@ -318,7 +330,8 @@ class Trainer:
             f"vocab={padded_vocab_size(cfg.model, p.tensor)} params on rank 0: {n_params / 1e6:.2f}M\n"
             f"[setup] world={self.world_size} TP={p.tensor} PP={p.pipeline} VP={p.virtual_pipeline} DP={self.dp} "
             f"SP={p.sequence_parallel} dist-opt={p.distributed_optimizer} micro-batches/step={self.num_microbatches}\n"
-            f"[setup] logs: {os.path.abspath(cfg.logging.dir)}",
+            f"[setup] logs: {os.path.abspath(cfg.logging.dir)}"
+            + ("\n[setup] evaluation off (train.eval_iters=0)" if cfg.train.eval_iters == 0 else ""),
             flush=True,
         )
         if self.routing is not None:
@@ -412,8 +425,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Token-mean loss over the first ``train.eval_iters`` global batches of the validation
-        set (fewer if it is shorter)."""
-        if self.valid_ds is None:
+        set (fewer if it is shorter); None without validation data or with eval_iters=0."""
+        if self.valid_ds is None or self.cfg.train.eval_iters == 0:
             return None
         num_batches = min(self.cfg.train.eval_iters, len(self.valid_ds) // self.cfg.train.global_batch_size)
         totals = self.evaluate_dataset(self.valid_ds, num_batches, interruptible=True)
@@ -472,6 +485,8 @@ class Trainer:
                 values[f"gpas/scale/layer_{l}{suffix}"] = float(scale)
 
     def _eval_and_log(self):
+        if self.cfg.train.eval_iters == 0:  # evaluation off (said once, at set-up)
+            return
         loss = self.evaluate()
         if loss is None and self.stop.signal is not None:
             return

@@ -7,6 +7,7 @@ message, and the CLI must report it (exit 2) before any process group starts.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -150,6 +151,116 @@ def test_invalid_config_is_rejected_with_its_message(base_yaml, overrides, world
 def test_invalid_cases_have_distinct_messages():
     messages = [case[3] for case in INVALID]
     assert len(set(messages)) == len(messages)
+
+
+# Values that used to crash late (ZeroDivisionError, NaN weights, a silent eval loss of 0) or were
+# accepted: each is refused by load_config/validate with a message naming the key.
+# (override on top of the valid base, distinctive part of the message)
+INVALID_VALUES = {
+    "global_batch_zero": ("train.global_batch_size=0", "train.global_batch_size must be positive, got 0"),
+    "log_interval_zero": ("logging.interval=0", "logging.interval must be >= 1, got 0"),
+    "log_interval_negative": ("logging.interval=-5", "logging.interval must be >= 1, got -5"),
+    "eval_iters_negative": ("train.eval_iters=-1", "train.eval_iters must be >= 0 (0 = no evaluation), got -1"),
+    "eval_interval_negative": ("train.eval_interval=-10", "train.eval_interval must be >= 0"),
+    "save_interval_negative": ("checkpoint.save_interval=-1", "checkpoint.save_interval must be >= 0"),
+    "exit_after_steps_negative": ("train.exit_after_steps=-1", "train.exit_after_steps must be >= 0"),
+    "exit_duration_negative": ("train.exit_duration_minutes=-0.5", "train.exit_duration_minutes must be >= 0"),
+    "max_skipped_negative": ("train.max_skipped_steps=-1", "train.max_skipped_steps must be >= 0"),
+    "spike_factor_negative": ("train.loss_spike_factor=-2", "train.loss_spike_factor must be 0 (off) or > 1"),
+    "spike_factor_below_one": ("train.loss_spike_factor=0.5", "train.loss_spike_factor must be 0 (off) or > 1"),
+    "spike_window_zero": ("train.loss_spike_window=0", "train.loss_spike_window must be >= 1, got 0"),
+    "seed_negative": ("train.seed=-1", "train.seed must be >= 0"),
+    "norm_eps_negative": ("norm.eps=-1e-6", "norm.eps must be >= 0, got -1e-06"),
+    "norm_eps_inf": ("norm.eps=.inf", "config key 'norm.eps' must be a finite number, got inf"),
+    "lr_inf": ("optim.lr=.inf", "config key 'optim.lr' must be a finite number, got inf"),
+    "lr_inf_plain": ("optim.lr=inf", "config key 'optim.lr' must be a finite number, got inf"),
+    "lr_nan": ("optim.lr=.nan", "config key 'optim.lr' must be a finite number, got nan"),
+    "lr_negative": ("optim.lr=-1e-3", "optim.lr must be positive, got -0.001"),
+    "adam_eps_zero": ("optim.adam_eps=0", "optim.adam_eps must be positive, got 0.0"),
+    "adam_eps_negative": ("optim.adam_eps=-1e-8", "optim.adam_eps must be positive"),
+    "adam_beta1_one": ("optim.adam_beta1=1.0", "optim.adam_beta1 must be in [0, 1), got 1.0"),
+    "adam_beta1_negative": ("optim.adam_beta1=-0.1", "optim.adam_beta1 must be in [0, 1), got -0.1"),
+    "adam_beta2_above_one": ("optim.adam_beta2=1.5", "optim.adam_beta2 must be in [0, 1), got 1.5"),
+    "weight_decay_inf": ("optim.weight_decay=.inf", "config key 'optim.weight_decay' must be a finite number"),
+    "min_lr_ratio_nan": ("optim.min_lr_ratio=.nan", "config key 'optim.min_lr_ratio' must be a finite number"),
+    "min_lr_ratio_above_one": ("optim.min_lr_ratio=1.5", "optim.min_lr_ratio must be in [0, 1], got 1.5"),
+    "decay_steps_zero": ("optim.decay_steps=0", "optim.decay_steps must be positive (or null = train.steps), got 0"),
+    "clip_grad_inf": ("optim.clip_grad=.inf", "config key 'optim.clip_grad' must be a finite number"),
+    "gate_clip_negative": ("gpas.clip_grad=-1", "gpas.clip_grad must be >= 0 (0 disables), got -1.0"),
+    "muon_lr_inf": ("optim.muon_lr=.inf", "config key 'optim.muon_lr' must be a finite number"),
+    "muon_momentum_nan": ("optim.muon_momentum=.nan", "config key 'optim.muon_momentum' must be a finite number"),
+    "muon_scale_inf": ("optim.muon_scale=.inf", "config key 'optim.muon_scale' must be a finite number"),
+    "muon_weight_decay_negative": ("optim.muon_weight_decay=-0.1", "optim.muon_weight_decay must be >= 0"),
+    "vocab_multiple_zero": ("model.make_vocab_size_divisible_by=0", "model.make_vocab_size_divisible_by must be >= 1"),
+    "query_groups_negative": ("model.num_query_groups=-2", "model.num_query_groups must be positive (or null), got -2"),
+    "rope_base_zero": ("model.rope_base=0", "model.rope_base must be positive"),
+    "blend_weight_nan": ("data.weights=[.nan]", "config key 'data.weights[0]' must be a finite number"),
+    "num_workers_negative": ("data.num_workers=-1", "data.num_workers must be >= 0"),
+}
+
+
+@pytest.mark.parametrize("override,message", INVALID_VALUES.values(), ids=INVALID_VALUES.keys())
+def test_invalid_value_is_rejected_naming_the_key(base_yaml, override, message):
+    with pytest.raises(ConfigError) as info:
+        _load_and_validate(base_yaml, [override])
+    assert message in str(info.value)
+
+
+def test_scheme_options_must_be_finite(base_yaml):
+    with pytest.raises(ConfigError, match=r"config key 'norm\.options\.alpha0\[1\]' must be a finite number, got inf"):
+        _load_and_validate(base_yaml, ["norm.scheme=dyt", "norm.options.alpha0=[0.5, .inf, 0.5]"])
+
+
+@pytest.mark.parametrize("key,value", [("optim", "lr"), ("train", "loss_spike_factor"), ("norm", "eps")])
+def test_non_finite_values_set_in_code_are_rejected_by_validate(base_yaml, key, value):
+    """Configs built or changed in Python bypass the loader's check; validate has its own."""
+    for bad in (float("inf"), float("nan")):
+        cfg = load_config(base_yaml)
+        setattr(getattr(cfg, key), value, bad)
+        with pytest.raises(ConfigError, match=rf"config key '{key}\.{value}' must be a finite number, got {bad}"):
+            validate(cfg, world_size=1)
+
+
+def test_zero_means_off_where_documented(base_yaml):
+    """0 = off for these keys (the ranges above refuse only what has no meaning)."""
+    _load_and_validate(base_yaml, ["train.eval_iters=0", "train.eval_interval=0", "checkpoint.save_interval=0",
+                                   "train.exit_after_steps=0", "train.exit_duration_minutes=0",
+                                   "train.max_skipped_steps=0", "train.loss_spike_factor=0", "optim.clip_grad=0",
+                                   "norm.eps=0"])
+
+
+# (TP, the two nearest widths that split over TP ranks, the two nearest multiples of lcm(64·TP, 256));
+# worked out by hand for the 1B preset's FFN width 5461 (= 8/3 × 2048, as the GPAS paper has it)
+FFN_SUGGESTIONS = [(2, "5460 or 5462", 256, "5376 or 5632"),
+                   (4, "5460 or 5464", 256, "5376 or 5632"),
+                   (8, "5456 or 5464", 512, "5120 or 5632")]
+
+
+@pytest.mark.parametrize("tp,nearest,step,friendly", FFN_SUGGESTIONS, ids=[f"tp{c[0]}" for c in FFN_SUGGESTIONS])
+def test_ffn_width_error_suggests_valid_widths(tp, nearest, step, friendly):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(None, ["model.preset=1b", f"parallel.tensor={tp}", "data.paths=[x]"]),
+                 world_size=tp, check_files=False)
+    msg = str(info.value)
+    assert f"model.ffn_hidden_size (5461) is not divisible by parallel.tensor ({tp})" in msg
+    assert f"are {nearest};" in msg and f"(multiples of {step}" in msg and msg.endswith(f"are {friendly}")
+    for width in nearest.split(" or ") + friendly.split(" or "):  # every suggestion is accepted
+        validate(load_config(None, ["model.preset=1b", f"parallel.tensor={tp}", "data.paths=[x]",
+                                    f"model.ffn_hidden_size={width}"]), world_size=tp, check_files=False)
+
+
+@pytest.mark.parametrize("overrides,world_size,suggestion", [
+    (["model.preset=1b", "model.ffn_hidden_size=5632", "parallel.tensor=3"], 3,
+     "parallel.tensor can be 1, 2, 4, 8, 16, 32"),
+    (["model.preset=llama3-8b", "parallel.tensor=16"], 16, "parallel.tensor can be 1, 2, 4, 8"),
+    (["model.preset=1b", "parallel.pipeline=5"], 5, "the product can be 1, 2, 3, 4, 6, 8, 12, 24"),
+    (["model.preset=1b", "train.micro_batch_size=4", "train.global_batch_size=10"], 1,
+     "e.g. train.global_batch_size=8 or 12"),
+    (["model.preset=1b", "parallel.pipeline=2"], 3, "run 2 or 4 processes"),
+], ids=["heads", "kv_groups", "layers", "batch", "world"])
+def test_divisibility_errors_suggest_values(overrides, world_size, suggestion):
+    with pytest.raises(ConfigError, match=re.escape(suggestion)):
+        validate(load_config(None, [*overrides, "data.paths=[x]"]), world_size=world_size, check_files=False)
 
 
 def test_backend_te_without_transformer_engine(base_yaml):
@@ -385,7 +496,10 @@ _STARTED_MARKERS = ("[setup]", "No CUDA device: Megatron-Core runs on CPU", "Pro
     (lambda t: t.setdefault("parallel", {}).update(tensor=3), "is not divisible by parallel.tensor (3)"),
     # rejected by validate(): the data files
     (lambda t: t["data"].update(paths=["/nonexistent/corpus"]), "data file not found: /nonexistent/corpus.bin"),
-], ids=["unknown_key", "tp_layout", "missing_data"])
+    # values that used to fail late: a ZeroDivisionError in the first step, NaN weights
+    (lambda t: t["train"].update(global_batch_size=0), "train.global_batch_size must be positive, got 0"),
+    (lambda t: t["optim"].update(lr=float("inf")), "config key 'optim.lr' must be a finite number, got inf"),
+], ids=["unknown_key", "tp_layout", "missing_data", "global_batch_zero", "lr_inf"])
 def test_cli_exits_2_with_the_message_before_any_process_group(tmp_path, files, tree_change, message):
     tree = _base_tree(files)
     tree_change(tree)

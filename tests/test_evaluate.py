@@ -67,7 +67,9 @@ def trained(tmp_path_factory) -> dict:
         summary = trainer.train()
     finally:
         trainer.close()  # as the CLI does; evaluate.py starts its own process group
-    return {"ws": ws, "prefix": prefix, "ckpt": ws / "ckpt", "eval_loss": summary["eval/loss"]}
+    # data of a larger vocabulary than the checkpoint's (ids up to 511 for an embedding of 128 rows)
+    wide = write_synthetic_dataset(str(ws / "wide"), vocab_size=512, num_docs=60, doc_len=100)
+    return {"ws": ws, "prefix": prefix, "wide": wide, "ckpt": ws / "ckpt", "eval_loss": summary["eval/loss"]}
 
 
 def _evaluate(trained: dict, name: str, *args: str) -> dict:
@@ -129,9 +131,11 @@ def test_tensor_parallel_evaluation_under_torchrun(trained):
      "the checkpoint's embedding has 128 rows (model.vocab_size 128 padded at parallel.tensor=1) but this run pads "
      "it to 256 (model.make_vocab_size_divisible_by 256 × parallel.tensor 1); make them agree, "
      "e.g. model.make_vocab_size_divisible_by=128"),
+    (["{ckpt}", "--data", "{wide}"], "but model.vocab_size has 128 ids: tokenized with another tokenizer?"),
 ])
 def test_bad_arguments_fail_before_any_process_group(trained, monkeypatch, capsys, args, message):
     monkeypatch.setattr(distributed, "init_distributed", lambda cfg: pytest.fail("process group started"))
-    args = [a.replace("{prefix}", trained["prefix"]).replace("{ckpt}", str(trained["ckpt"])) for a in args]
+    names = {"{prefix}": trained["prefix"], "{wide}": trained["wide"], "{ckpt}": str(trained["ckpt"])}
+    args = [names.get(a, a) for a in args]
     assert evaluate_tool.main(args) == 2
     assert message in capsys.readouterr().err

@@ -21,10 +21,10 @@ import warnings
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-from megatron_gpas.hf.export import DTYPES, ExportError, export_checkpoint  # noqa: E402
+from megatron_gpas import console  # noqa: E402  (light; Megatron-Core is imported in main, after console.configure)
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # megatron_gpas.hf.export.DTYPES
 
 
 def parse_size(text: str) -> int:
@@ -41,14 +41,22 @@ def main(argv=None) -> int:
     p.add_argument("output_dir")
     p.add_argument("--format", choices=("auto", "llama", "custom"), default="auto",
                    help="auto: stock Llama where exact, else custom code (default); llama: fail if not exact")
-    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto", help="weight dtype (auto: the checkpoint's)")
+    p.add_argument("--dtype", choices=("auto", *DTYPE_NAMES), default="auto",
+                   help="weight dtype (auto: the checkpoint's)")
     p.add_argument("--fold-tolerance", type=float, default=None,
                    help="accepted relative logit error of a folded Llama (default 1e-4 fp32, 2e-2 bf16)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (e.g. 2GB, 500MB)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file/dir, if the checkpoint carries none")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show Megatron-Core's and PyTorch's warnings and INFO messages")
     args = p.parse_args(argv)
+    console.configure(args.verbose)
+    if not args.verbose:
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # reading a checkpoint without a job
+    from megatron_gpas.hf.export import ExportError, export_checkpoint
+
     try:
         result = export_checkpoint(args.checkpoint, args.output_dir, target=args.format, dtype=args.dtype,
                                    fold_tolerance=args.fold_tolerance, max_shard_bytes=parse_size(args.max_shard_size),

@@ -27,21 +27,20 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 
 # Runnable from a checkout without installing the package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-
 import yaml  # noqa: E402
 
+# Only light modules here: Megatron-Core is imported after main() has decided what the
+# libraries may print (logging.verbose=true shows their warnings; megatron_gpas/console.py).
+from megatron_gpas import console  # noqa: E402
 from megatron_gpas.checkpoint_paths import pretrained_checkpoint  # noqa: E402
 from megatron_gpas.config import (ConfigError, check_vocab_padding, config_from_tree, data_parallel_size,  # noqa: E402
                                   inherit_architecture, load_tree, world_size_from_env)
-from megatron_gpas.validation import validate  # noqa: E402
 
 SPLITS = ("train", "valid", "test", "all")
 SPLIT_INDEX = {"train": 0, "valid": 1, "test": 2, "all": 0}  # "all": one split holding every document
@@ -68,6 +67,7 @@ def build_config(args):
     """(config, checkpoint dir): the checkpoint's network and data settings, this evaluation's
     data and batch sizes, the weights loaded through checkpoint.pretrained."""
     from megatron_gpas.checkpoint import RUN_CONFIG, CheckpointError, check_compatible
+    from megatron_gpas.validation import validate
 
     path = pretrained_checkpoint(args.checkpoint, what="checkpoint")
     with open(os.path.join(path, RUN_CONFIG)) as f:
@@ -97,8 +97,9 @@ def build_config(args):
     tree["optim"] = {**(tree.get("optim") or {}), "warmup_steps": 0, "decay_steps": None}
     tree["checkpoint"] = {"pretrained": path, "save": None, "load": None}
     # Nothing is logged but the result; rank 0's metrics writer gets a scratch directory.
+    verbose = (tree.get("logging") or {}).get("verbose", False)
     tree["logging"] = {"dir": tempfile.mkdtemp(prefix="evaluate_") if _rank0() else "unused",
-                       "tensorboard": False, "plots": False}
+                       "tensorboard": False, "plots": False, "verbose": verbose}
     tree.pop("sft", None)
     cfg = config_from_tree(tree)
     validate(cfg)
@@ -112,11 +113,15 @@ def build_config(args):
 
 def build_dataset(cfg, split: str, num_batches: int | None, tokenizer, log):
     """(dataset, number of global batches, sequences in it): the GPTDataset of ``split``."""
-    from megatron_gpas.data.datasets import PadToLength, build_datasets, check_indexed_dataset, check_split
+    from megatron_gpas.data.datasets import (PadToLength, build_datasets, check_data_vocabulary, check_indexed_dataset,
+                                             check_split)
 
     for prefix in cfg.data.paths:
         check_indexed_dataset(prefix)
     check_split(cfg.data.paths, cfg.data.split)
+    for warning in check_data_vocabulary(cfg, tokenizer):  # the checkpoint's tokenizer and vocabulary
+        if log:
+            log(f"[data] warning: {warning}")
     index, gbs = SPLIT_INDEX[split], cfg.train.global_batch_size
     cache_dir = cfg.data.cache_dir  # None: indices built in memory on every rank
 
@@ -149,6 +154,7 @@ def main(argv=None) -> int:
         print("error: --num-batches must be positive", file=sys.stderr)
         return 2
     try:
+        console.configure(config_from_tree(load_tree(None, args.overrides)).logging.verbose)
         cfg, path = build_config(args)
         from megatron_gpas.training import Trainer, load_run_tokenizer  # heavy imports after the config is valid
 

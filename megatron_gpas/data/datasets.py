@@ -134,6 +134,83 @@ def check_split(prefixes: list[str], split: str) -> None:
                 )
 
 
+_TOKEN_BLOCK = 1 << 22  # tokens per block of a scan
+# Data without a recorded largest token id is scanned at start-up up to this size (numpy reads
+# a page-cached .bin at several GB/s); larger data gets a warning instead of a long wait.
+SCAN_LIMIT_BYTES = 1 << 30
+
+
+def check_token_ids(dataset, vocab_size: int, vocabulary: str = "the vocabulary") -> dict:
+    """Stream the tokens; raise DataCorruptError on an id >= vocab_size (``vocabulary`` names the
+    limit in the message). Returns id statistics."""
+    import numpy as np
+
+    bin_path = dataset.path_prefix + ".bin"
+    if os.path.getsize(bin_path) == 0:
+        return {"checked_tokens": 0, "max_id": None, "vocab_size": vocab_size}
+    tokens = np.memmap(bin_path, dtype=dataset.index.dtype, mode="r")
+    max_id = -1
+    for start in range(0, len(tokens), _TOKEN_BLOCK):
+        block = tokens[start:start + _TOKEN_BLOCK]
+        block_max = int(block.max())
+        if block_max >= vocab_size:
+            offset = start + int(np.argmax(block >= vocab_size))
+            sequence = int(np.searchsorted(dataset.index.sequence_pointers, offset * tokens.itemsize, "right")) - 1
+            raise DataCorruptError(
+                f"indexed dataset '{dataset.path_prefix}' holds token id {int(tokens[offset])} (sequence {sequence}, "
+                f"token {offset}) but {vocabulary} has {vocab_size} ids: tokenized with another tokenizer?"
+            )
+        max_id = max(max_id, block_max)
+    return {"checked_tokens": int(len(tokens)), "max_id": max_id, "vocab_size": vocab_size}
+
+
+def check_data_vocabulary(cfg: Config, tokenizer) -> list[str]:
+    """Check every dataset of data.paths against the run's tokenizer and model.vocab_size before
+    training reads it (an id >= model.vocab_size is otherwise an IndexError at step 1).
+
+    From ``PREFIX.report.json`` (written by preprocessing and merging): the tokenizer the data was
+    made with must be the run's (kind, options, file hashes, sizes), and its largest token id must
+    be below model.vocab_size. Without a recorded largest id, the ids are known to fit when the
+    tokenizer matches (its ids are below its vocabulary, which fits the model) or the .idx token
+    type cannot hold a larger one; otherwise a .bin up to SCAN_LIMIT_BYTES is scanned. Raises
+    ConfigError or DataCorruptError; returns warnings for what could not be checked."""
+    import numpy as np
+
+    from megatron_gpas.config import ConfigError
+    from megatron_gpas.data import indexed
+    from megatron_gpas.tokenizer import describe_briefly, tokenizer_identity
+
+    vocab_size = cfg.model.vocab_size
+    run = tokenizer.describe()
+    warnings = []
+    for prefix in cfg.data.paths:
+        report = indexed.read_json(prefix + ".report.json") or {}
+        recorded = report.get("tokenizer")
+        if recorded is None:
+            warnings.append(f"{prefix}: no tokenizer recorded ({prefix}.report.json is missing or does not name "
+                            f"one); cannot check that the data was tokenized with data.tokenizer")
+        elif tokenizer_identity(recorded) != tokenizer_identity(run):
+            raise ConfigError(f"data.paths entry '{prefix}' was tokenized with {describe_briefly(recorded)} "
+                              f"({prefix}.report.json), but data.tokenizer is {describe_briefly(run)}: train with "
+                              "the data's tokenizer, or tokenize the data with this one")
+        max_id = report.get("max_token_id")
+        if max_id is not None:
+            if max_id >= vocab_size:
+                raise ConfigError(f"data.paths entry '{prefix}' holds token ids up to {max_id} ({prefix}.report.json) "
+                                  f"but model.vocab_size is {vocab_size}: the embedding must cover every token id")
+            continue
+        dtype = IndexedDataset(prefix, mmap=True).index.dtype
+        if recorded is not None or np.iinfo(dtype).max < vocab_size:
+            continue  # the matching tokenizer's ids fit (load_run_tokenizer), or the token type bounds them
+        if os.path.getsize(prefix + ".bin") <= SCAN_LIMIT_BYTES:
+            check_token_ids(IndexedDataset(prefix, mmap=True), vocab_size, "model.vocab_size")
+        else:
+            warnings.append(f"{prefix}: the largest token id is not recorded and the data is too large to scan at "
+                            f"start-up; check it with tools/inspect_data.py {prefix} --check-ids "
+                            f"--vocab-size {vocab_size}")
+    return warnings
+
+
 def describe_blend(cfg: Config) -> str:
     """One line per dataset of the blend: its weight, documents and tokens (for the run log)."""
     weights = list(cfg.data.weights) if cfg.data.weights else [1.0] * len(cfg.data.paths)

@@ -14,10 +14,10 @@ import random
 import numpy as np
 
 from megatron_gpas.data import indexed
-from megatron_gpas.data.datasets import DataCorruptError, check_indexed_dataset
+from megatron_gpas.data.datasets import check_indexed_dataset, check_token_ids
 from megatron_gpas.tokenizer import Tokenizer, tokenizer_from_config
 
-_BLOCK = 1 << 22  # index entries or tokens per block
+_BLOCK = 1 << 22  # index entries per block
 
 
 def tokenizer_from_report(report: dict | None) -> Tokenizer | None:
@@ -42,27 +42,6 @@ def _length_stats(lengths: np.ndarray) -> dict:
         hi = int(block.max()) if hi is None else max(hi, int(block.max()))
         total += int(block.sum(dtype=np.int64))
     return {"min": lo, "max": hi, "mean": round(total / len(lengths), 2)}
-
-
-def check_token_ids(dataset, vocab_size: int) -> dict:
-    """Stream the tokens; raise DataCorruptError on an id >= vocab_size. Returns id statistics."""
-    bin_path = dataset.path_prefix + ".bin"
-    if os.path.getsize(bin_path) == 0:
-        return {"checked_tokens": 0, "max_id": None, "vocab_size": vocab_size}
-    tokens = np.memmap(bin_path, dtype=dataset.index.dtype, mode="r")
-    max_id = -1
-    for start in range(0, len(tokens), _BLOCK):
-        block = tokens[start:start + _BLOCK]
-        block_max = int(block.max())
-        if block_max >= vocab_size:
-            offset = start + int(np.argmax(block >= vocab_size))
-            sequence = int(np.searchsorted(dataset.index.sequence_pointers, offset * tokens.itemsize, "right")) - 1
-            raise DataCorruptError(
-                f"indexed dataset '{dataset.path_prefix}' holds token id {int(tokens[offset])} (sequence {sequence}, "
-                f"token {offset}) but the vocabulary has {vocab_size} ids: tokenized with another tokenizer?"
-            )
-        max_id = max(max_id, block_max)
-    return {"checked_tokens": int(len(tokens)), "max_id": max_id, "vocab_size": vocab_size}
 
 
 def inspect_dataset(prefix: str, tokenizer: Tokenizer | None = None, *, samples: int = 3,

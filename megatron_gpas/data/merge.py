@@ -12,7 +12,8 @@ Megatron-Core's ``IndexedDatasetBuilder.add_index`` does the merge: it streams e
 ``indexed.new_builder``'s typed index arrays, memory is 12 bytes per sequence of the
 output (plus Megatron's ~40 bytes per sequence while writing the ``.idx``), independent
 of the token count. The output is committed atomically, and ``PREFIX.report.json``
-lists the inputs and sums the skip counts of their preprocessing reports.
+lists the inputs, sums the skip counts of their preprocessing reports and records their common
+tokenizer and largest token id (inputs of different tokenizers are refused).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Sequence
 
 from megatron_gpas.data import indexed
 from megatron_gpas.data.preprocess import EXAMPLES_PER_REASON
+from megatron_gpas.tokenizer import describe_briefly, tokenizer_identity
 
 
 def expand_dataset_prefixes(specs: Sequence[str | os.PathLike]) -> list[str]:
@@ -73,6 +75,21 @@ def _sum_preprocessing_reports(prefixes: Sequence[str]) -> dict:
     return totals
 
 
+def _common_tokenizer(prefixes: Sequence[str]) -> tuple[dict | None, int | None]:
+    """(tokenizer, largest token id) of the merged data, from the inputs' reports: known only when
+    every input records them. Inputs tokenized with different tokenizers are refused."""
+    reports = [indexed.read_json(prefix + ".report.json") or {} for prefix in prefixes]
+    tokenizers = [(prefix, r["tokenizer"]) for prefix, r in zip(prefixes, reports) if r.get("tokenizer")]
+    for prefix, desc in tokenizers[1:]:
+        if tokenizer_identity(desc) != tokenizer_identity(tokenizers[0][1]):
+            raise ValueError(f"cannot merge datasets tokenized with different tokenizers: {tokenizers[0][0]} "
+                             f"({describe_briefly(tokenizers[0][1])}) and {prefix} ({describe_briefly(desc)})")
+    max_ids = [r.get("max_token_id") for r in reports if r.get("tokens_written") != 0]  # (no tokens: no largest id)
+    tokenizer = tokenizers[0][1] if tokenizers and len(tokenizers) == len(prefixes) else None
+    max_id = max((m for m in max_ids if m is not None), default=None) if None not in max_ids else None
+    return tokenizer, max_id
+
+
 def merge_datasets(inputs: Sequence[str | os.PathLike], output_prefix: str | os.PathLike,
                    progress: bool = True) -> dict:
     """Concatenate the datasets ``inputs`` into ``output_prefix``; returns the report."""
@@ -101,6 +118,7 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], output_prefix: str | os.
         listing = ", ".join(f"{s['prefix']} ({s['dtype'].__name__})" for s in summaries)
         raise ValueError(f"cannot merge datasets of different token dtypes (tokenized with different "
                          f"vocabulary sizes?): {listing}")
+    tokenizer, max_token_id = _common_tokenizer(prefixes)
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     indexed.remove_if_exists(out + ".report.json")  # a report is only ever next to the data it describes
@@ -130,6 +148,9 @@ def merge_datasets(inputs: Sequence[str | os.PathLike], output_prefix: str | os.
                   "documents": int(merged.index.document_count) - 1,
                   "tokens": sum(s["tokens"] for s in summaries)},
         "preprocessing": _sum_preprocessing_reports(prefixes),
+        # what training checks at start-up (None: an input's report does not say)
+        "tokenizer": tokenizer,
+        "max_token_id": max_token_id,
         "elapsed_s": round(time.monotonic() - start, 3),
     }
     # Megatron-Core's GPTDataset reads only .bin/.idx; the report is for people and tools.

@@ -15,8 +15,9 @@ output part (``<name>_part<nnnn>``) once a part's ``.bin`` holds that many bytes
 
 Accountability. Every record is written or skipped for a named reason (``SKIP_REASONS``);
 ``<name>.report.json`` holds the counts, the first few ``file:line`` locations per
-reason, token statistics, and the fingerprint of inputs (size, mtime), tokenizer (file
-hashes) and options. ``strict=True`` raises at the first bad record instead.
+reason, token statistics, the largest token id, the tokenizer, and the fingerprint of inputs
+(size, mtime), tokenizer (file hashes) and options. Training checks the tokenizer and the
+largest id against its own at start-up. ``strict=True`` raises at the first bad record instead.
 
 Atomicity and resumption. Outputs are written to temporary names and renamed at the end
 of their job (``.idx`` last); the reports are written after the renames. A job whose
@@ -54,7 +55,7 @@ import numpy as np
 
 from megatron_gpas.data import indexed
 from megatron_gpas.data.readers import TXT_MODES, Chunk, expand_inputs, input_format, iter_chunks
-from megatron_gpas.tokenizer import Tokenizer
+from megatron_gpas.tokenizer import Tokenizer, tokenizer_identity
 
 SKIP_REASONS = ("invalid_utf8", "invalid_json", "missing_key", "non_string_text", "empty_text")
 EXAMPLES_PER_REASON = 5  # how many file:line examples a report keeps per skip reason
@@ -265,6 +266,7 @@ class _Output:
         self.written = 0
         self.skipped = {reason: {"count": 0, "first": []} for reason in SKIP_REASONS}
         self.lengths = _LengthStats()
+        self.max_token_id: int | None = None  # training checks it against model.vocab_size at start-up
 
     def _part_prefix(self, n: int) -> str:
         return f"{self.name}_part{n:04d}" if self.shard_size else self.name
@@ -288,6 +290,8 @@ class _Output:
                 entry["first"].append({"location": f"{path}:{line}", "detail": detail})
         written = result.lengths[result.lengths > 0]
         self.lengths.add(written)
+        if result.tokens.size:
+            self.max_token_id = max(self.max_token_id or 0, int(result.tokens.max()))
         offset = 0
         for n in written.tolist():
             part = self.parts[-1] if self.parts else None
@@ -392,10 +396,8 @@ def _fingerprint(files: Sequence[str], tokenizer_desc: dict, options: dict) -> s
     for f in files:
         st = os.stat(f)
         inputs.append([os.path.realpath(f), st.st_size, st.st_mtime_ns])
-    tok = {k: v for k, v in tokenizer_desc["config"].items() if k not in ("path", "merges_path")}
-    tok.update(sha256=tokenizer_desc["sha256"], vocab_size=tokenizer_desc["vocab_size"],
-               eod_id=tokenizer_desc["eod_id"])
-    blob = json.dumps({"version": REPORT_VERSION, "inputs": inputs, "tokenizer": tok, "options": options},
+    blob = json.dumps({"version": REPORT_VERSION, "inputs": inputs, "tokenizer": tokenizer_identity(tokenizer_desc),
+                       "options": options},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -549,6 +551,7 @@ def _run_job(job: _Job, names, keys, pool: _TokenizerPool, tokenizer_desc, finge
             "documents": {"read": read, "written": output.written, "skipped": read - output.written},
             "skipped": output.skipped,
             "tokens_written": tokens,
+            "max_token_id": output.max_token_id,
             "tokens_per_document": output.lengths.summary(),
             "workers": workers,
             "elapsed_s": round(elapsed, 3),
