@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from megatron_gpas.checkpoint_paths import CheckpointError
 from megatron_gpas.config import ConfigError, load_config
 
 
@@ -25,7 +26,7 @@ def run_cli(argv: list[str] | None, prog: str, description: str, overrides_examp
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         trainer = make_trainer(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # (a damaged or unsafe checkpoint)
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

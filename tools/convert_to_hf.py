@@ -24,6 +24,7 @@ if REPO_ROOT not in sys.path:
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
+from megatron_gpas.checkpoint_paths import CheckpointError  # noqa: E402
 from megatron_gpas.hf.export import DTYPES, ExportError, export_checkpoint  # noqa: E402
 
 
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
                                    fold_tolerance=args.fold_tolerance, max_shard_bytes=parse_size(args.max_shard_size),
                                    tokenizer_path=args.tokenizer, progress=not args.no_progress,
                                    overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[export] {result.checkpoint} -> {result.out_dir}")
