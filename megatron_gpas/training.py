@@ -212,7 +212,7 @@ class Trainer:
 
     def _maybe_resume(self):
         root, pretrained = self.cfg.checkpoint.load, self.cfg.checkpoint.pretrained
-        path = checkpoint.find_latest(root) if root else None
+        path = checkpoint.resume_point(self.cfg, root) if root else None  # checked (collective)
         if path is None and pretrained:  # the run has no checkpoint of its own yet
             path = pretrained_checkpoint(pretrained)
             checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=False)
@@ -227,7 +227,8 @@ class Trainer:
                 print(f"[checkpoint] no checkpoint under {root}; starting from scratch", flush=True)
             return
         resume = self.cfg.checkpoint.load_optimizer
-        state = checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=resume)
+        state = checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=resume,
+                                verified=True)
         if not resume:
             if self.rank0:
                 print(f"[checkpoint] initialised weights from {path}; starting at step 0", flush=True)
