@@ -17,44 +17,82 @@ log = logging.getLogger(__name__)
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 RUN_CONFIG = "run_config.yaml"
+METADATA_JSON = "metadata.json"  # Megatron writes it last: a checkpoint directory without it is incomplete
+_ITERATION = re.compile(r"iter_(\d+)")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
+class NonFiniteWeightsError(CheckpointError):
+    """A save refused because parameters hold NaN/Inf (nothing was written): the run diverged."""
+
+
 def iteration_dir(root: str, step: int) -> str:
     return os.path.join(root, f"iter_{step:07d}")
 
 
+def existing_parent(path: str) -> str:
+    """``path`` itself if it exists, else its nearest existing ancestor (what a makedirs would build on)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step of checkpoint directory ``path`` from its name (iter_NNNNNNN); None for another name."""
+    match = _ITERATION.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
 def is_complete(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "metadata.json")) and not path.endswith(PARTIAL_SUFFIX)
+    return os.path.isfile(os.path.join(path, METADATA_JSON)) and not path.endswith(PARTIAL_SUFFIX)
+
+
+def resume_candidates(root: str) -> list[str]:
+    """The checkpoints a resume from ``root`` considers, newest first: the one ``latest`` names
+    (even if it is incomplete or gone: that is a damaged newest checkpoint), then the complete
+    ``iter_*`` directories older than it. Without ``latest``, every complete ``iter_*`` directory.
+    Complete directories newer than ``latest`` (a crash between a save's rename and the pointer
+    update, or a run that saved with checkpoint.overwrite) are not the run's newest state.
+    ``root`` may also be a checkpoint directory itself."""
+    if is_complete(root):
+        return [root]
+    if not os.path.isdir(root):
+        return []
+    steps = {name: checkpoint_step(name) for name in os.listdir(root)}
+    complete = sorted((name for name, step in steps.items() if step is not None and is_complete(os.path.join(root, name))),
+                      key=lambda name: steps[name], reverse=True)
+    pointer = os.path.join(root, LATEST)
+    if not os.path.isfile(pointer):
+        return [os.path.join(root, name) for name in complete]
+    with open(pointer) as f:
+        named = f.read().strip()
+    named_step = checkpoint_step(named)
+    older = [name for name in complete if named_step is None or steps[name] < named_step]
+    return [os.path.join(root, name) for name in [named, *older]]
 
 
 def find_latest(root: str) -> str | None:
     """The newest complete checkpoint under ``root`` (None if there is none).
 
-    ``latest`` names it; if ``latest`` is missing or names an incomplete directory (a crash
-    between the steps of a save), the newest complete ``iter_*`` directory is used.
+    ``latest`` names it; if ``latest`` names an incomplete directory (a crash between the
+    steps of a save) or is missing, the newest older complete ``iter_*`` directory is used.
+    (A resume also checks the checkpoint's files, and calls an incomplete one damaged:
+    ``checkpoint.resume_point``.)
     """
-    if is_complete(root):  # a checkpoint directory itself
-        return root
-    pointer = os.path.join(root, LATEST)
-    if os.path.isfile(pointer):
-        with open(pointer) as f:
-            path = os.path.join(root, f.read().strip())
-        if is_complete(path):
-            return path
-        log.warning("%s names %s, which is not a complete checkpoint; looking for the newest complete one",
-                    pointer, path)
-    if not os.path.isdir(root):
-        return None
-    complete = sorted(name for name in os.listdir(root)
-                      if re.fullmatch(r"iter_\d+", name) and is_complete(os.path.join(root, name)))
+    candidates = resume_candidates(root)
+    complete = [path for path in candidates if is_complete(path)]
+    if candidates and complete and complete[0] != candidates[0]:
+        log.warning("%s names %s, which is not a complete checkpoint; using the newest older complete one, %s",
+                    os.path.join(root, LATEST), candidates[0], complete[0])
     if complete:
-        return os.path.join(root, complete[-1])
-    if os.path.isfile(pointer):  # a resume was expected: do not silently start from scratch
-        raise CheckpointError(f"{pointer} names a checkpoint that is not complete, and {root} holds no other")
+        return complete[0]
+    if candidates:  # a resume was expected: do not silently start from scratch
+        raise CheckpointError(f"{os.path.join(root, LATEST)} names a checkpoint that is not complete, "
+                              f"and {root} holds no other")
     return None
 
 

@@ -460,6 +460,11 @@ def world_size_from_env() -> int:
     return 1
 
 
+def rank_from_env() -> int:
+    """This process's rank in the job, known before any process group starts (torchrun or SLURM)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
 

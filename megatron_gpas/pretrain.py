@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from megatron_gpas import console, exit_codes
+from megatron_gpas.checkpoint_paths import CheckpointError
 from megatron_gpas.config import (Config, ConfigError, config_from_tree, config_yaml, data_parallel_size, load_config,
                                   load_tree, world_size_from_env)
 from megatron_gpas.divergence import Diverged
@@ -68,7 +69,7 @@ def run_cli(argv: list[str] | None, prog: str, description: str, overrides_examp
         if args.dry_run:
             return dry_run(run, args.world_size)
         trainer = run.make_trainer(args.force)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:  # (a damaged or unsafe checkpoint)
         print(f"error: {e}", file=sys.stderr)
         return exit_codes.INVALID
     failure = None

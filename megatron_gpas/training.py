@@ -29,7 +29,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed, exit_codes, run_folder
 from megatron_gpas.activation_stats import LayerInputVariance
-from megatron_gpas.checkpoint_paths import pretrained_checkpoint
+from megatron_gpas.checkpoint_paths import NonFiniteWeightsError, pretrained_checkpoint
 from megatron_gpas.config import Config, ConfigError, config_from_tree, data_parallel_size, padded_vocab_size, save_config
 from megatron_gpas.data.datasets import (
     build_datasets,
@@ -252,7 +252,7 @@ class Trainer:
 
     def _maybe_resume(self):
         root, pretrained = self.cfg.checkpoint.load, self.cfg.checkpoint.pretrained
-        path = checkpoint.find_latest(root) if root else None
+        path = checkpoint.resume_point(self.cfg, root) if root else None  # checked (collective)
         if path is None and pretrained:  # the run has no checkpoint of its own yet
             path = pretrained_checkpoint(pretrained)
             checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=False)
@@ -267,7 +267,8 @@ class Trainer:
                 print(f"[checkpoint] no checkpoint under {root}; starting from scratch", flush=True)
             return
         resume = self.cfg.checkpoint.load_optimizer
-        state = checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=resume)
+        state = checkpoint.load(self.cfg, path, self.model, self.optimizer, self.scheduler, load_optimizer=resume,
+                                verified=True)
         if not resume:
             if self.rank0:
                 print(f"[checkpoint] initialised weights from {path}; starting at step 0", flush=True)
@@ -508,9 +509,12 @@ class Trainer:
         self._saved_step = self.step
         root = self.cfg.checkpoint.save
         watch = Stopwatch()
-        path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
-                               {"step": self.step, "consumed_train_samples": self.consumed_train_samples,
-                                **self.divergence.state_dict()})
+        try:
+            path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
+                                   {"step": self.step, "consumed_train_samples": self.consumed_train_samples,
+                                    **self.divergence.state_dict()})
+        except NonFiniteWeightsError as e:
+            raise Diverged(f"step {self.step}: {e}; no checkpoint was written") from e
         seconds = watch.lap()
         self._save_seconds = max(self._save_seconds, seconds)
         self.last_checkpoint = path
@@ -574,12 +578,12 @@ class Trainer:
                         self.save_checkpoint()
                     return self._finish(exit_codes.DONE, f"stopped after train.exit_after_steps={t.exit_after_steps}",
                                         {"stopped_early": True})
+            self._eval_and_log()
+            if cfg.checkpoint.save and cfg.checkpoint.save_at_end:
+                self.save_checkpoint()
         except Diverged as e:
             self._finish(exit_codes.DIVERGED, f"diverged: {e}", {})
             raise
-        self._eval_and_log()
-        if cfg.checkpoint.save and cfg.checkpoint.save_at_end:
-            self.save_checkpoint()
         return self._finish(exit_codes.DONE, "finished", {"eval/loss": self.last_eval_loss})
 
     def _expected_save_seconds(self) -> float:

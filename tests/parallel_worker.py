@@ -294,6 +294,11 @@ def run_expect_error(case: dict) -> dict:
     return {"raised": False}
 
 
+class SimulatedCrash(BaseException):
+    """The process dying mid-save: not an error a save handles (a failed save cleans up after itself;
+    a killed process cannot)."""
+
+
 def run_crash_save(case: dict) -> dict:
     """Resume (at the complete checkpoint's step), then save again with a save that dies
     after writing everything (metadata.json included) but before the rename; plus a junk
@@ -309,14 +314,14 @@ def run_crash_save(case: dict) -> dict:
 
         def dying_save(state, path, *args, **kwargs):
             real_save(state, path, *args, **kwargs)  # every file written ...
-            raise RuntimeError("simulated crash during checkpoint save")  # ... but no rename
+            raise SimulatedCrash("simulated crash during checkpoint save")  # ... but no rename
 
         checkpoint.dist_checkpointing.save = dying_save
         try:
             checkpoint.save(trainer.cfg, root, crash_step, trainer.model, trainer.optimizer, trainer.scheduler,
                             {"step": crash_step, "consumed_train_samples": 12345})
             out["save_raised"] = None
-        except RuntimeError as e:
+        except SimulatedCrash as e:
             out["save_raised"] = str(e)
         finally:
             checkpoint.dist_checkpointing.save = real_save

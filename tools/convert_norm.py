@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not i
 
 import yaml  # noqa: E402
 
-from megatron_gpas.checkpoint_paths import RUN_CONFIG, pretrained_checkpoint  # noqa: E402
+from megatron_gpas.checkpoint_paths import RUN_CONFIG, CheckpointError, pretrained_checkpoint  # noqa: E402
 from megatron_gpas.config import ConfigError, config_from_tree, load_tree  # noqa: E402
 from megatron_gpas.hf.tokenizer_export import tokenizer_spec  # noqa: E402
 from megatron_gpas.model.schemes.zero_mean import EQUIVALENT_FORMS, equivalent_form  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         convert(args.source, args.output, args.to, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -22,7 +22,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from megatron_gpas import console  # noqa: E402  (light; Megatron-Core is imported in main, after console.configure)
+# light modules only: Megatron-Core is imported in main, after console.configure
+from megatron_gpas import console  # noqa: E402
+from megatron_gpas.checkpoint_paths import CheckpointError  # noqa: E402
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # megatron_gpas.hf.export.DTYPES
 
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
                                    fold_tolerance=args.fold_tolerance, max_shard_bytes=parse_size(args.max_shard_size),
                                    tokenizer_path=args.tokenizer, progress=not args.no_progress,
                                    overwrite=args.overwrite)
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[export] {result.checkpoint} -> {result.out_dir}")

@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 # Only light modules here: Megatron-Core is imported after main() has decided what the
 # libraries may print (logging.verbose=true shows their warnings; megatron_gpas/console.py).
 from megatron_gpas import console  # noqa: E402
-from megatron_gpas.checkpoint_paths import pretrained_checkpoint  # noqa: E402
+from megatron_gpas.checkpoint_paths import CheckpointError, pretrained_checkpoint  # noqa: E402
 from megatron_gpas.config import (ConfigError, check_vocab_padding, config_from_tree, data_parallel_size,  # noqa: E402
                                   inherit_architecture, load_tree, world_size_from_env)
 
@@ -160,7 +160,7 @@ def main(argv=None) -> int:
 
         dataset, num_batches, sequences = build_dataset(cfg, args.split, args.num_batches, load_run_tokenizer(cfg), log)
         trainer = Trainer(cfg, data_builder=lambda _: (None, dataset))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:

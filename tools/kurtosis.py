@@ -44,6 +44,7 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 from megatron_gpas.analysis.kurtosis import (DEFAULT_DTYPE, DTYPES, OSP_SAMPLES, OSP_SEQ_LEN,  # noqa: E402
                                              STAT_DTYPES, KurtosisError, Settings, format_report, measure,
                                              plot_per_layer)
+from megatron_gpas.checkpoint_paths import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
             return 2
     try:
         report = measure(args.model, args.data, settings, name=args.name, log=lambda line: print(line, flush=True))
-    except (KurtosisError, ValueError, FileNotFoundError) as e:  # (DataCorruptError, ExportError are ValueErrors)
+    except (KurtosisError, CheckpointError, ValueError, FileNotFoundError) as e:  # (DataCorruptError, ExportError are ValueErrors)
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -133,7 +133,8 @@ def _paper_config(size: str, scheme: str, gpas: bool, row: str) -> tuple[str, st
             "split": "99,1,0",
             "tokenizer": {"kind": "sentencepiece", "path": "tokenizers/t5-base/spiece.model"},
         },
-        "checkpoint": {"save": f"checkpoints/{name}", "load": f"checkpoints/{name}", "save_interval": 2000},
+        "checkpoint": {"save": f"checkpoints/{name}", "load": f"checkpoints/{name}", "load_if_exists": True,
+                       "save_interval": 2000},
         "logging": {"dir": f"runs/paper/{name}", "interval": 10},
     }
     method = f"{row} (Table 2 row{', SiLU gate, init 0' if gpas else ''})"
@@ -192,7 +193,8 @@ def _llama3_config() -> tuple[str, str]:
             "split": "99,1,0",
             "tokenizer": {"kind": "huggingface", "path": "tokenizers/llama3/tokenizer.json"},
         },
-        "checkpoint": {"save": f"checkpoints/{name}", "load": f"checkpoints/{name}", "save_interval": 1000},
+        "checkpoint": {"save": f"checkpoints/{name}", "load": f"checkpoints/{name}", "load_if_exists": True,
+                       "save_interval": 1000},
         "logging": {"dir": f"runs/{name}", "interval": 10},
     }
     lines = [
@@ -275,7 +277,8 @@ def _norm_config(size: str, name: str, gpas: bool) -> tuple[str, str]:
 
 
 def _recipe(name: str, title: str, cfg: dict, lines: list[str]) -> tuple[str, str]:
-    cfg.setdefault("checkpoint", {}).update(save=f"checkpoints/{name}", load=f"checkpoints/{name}", save_interval=1000)
+    cfg.setdefault("checkpoint", {}).update(save=f"checkpoints/{name}", load=f"checkpoints/{name}", load_if_exists=True,
+                                            save_interval=1000)
     cfg["logging"] = {"dir": f"runs/recipes/{name}", "interval": 10}
     lines = [*lines, "", f"  torchrun --nproc-per-node 8 -m megatron_gpas.pretrain --config examples/recipes/{name}.yaml"]
     return f"recipes/{name}.yaml", _header(title, lines) + "\n" + yaml.safe_dump(cfg, sort_keys=False)

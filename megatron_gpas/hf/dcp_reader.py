@@ -5,6 +5,10 @@ dist-checkpointing stores every tensor globally (unsharded), with the homogeneou
 stacked along dim 0 (``decoder.layers.mlp.linear_fc1.weight`` is [L, 2·ffn, h]) whatever the
 TP/PP/DP layout that wrote it. ``read_layer`` asks DCP's planner for one layer's slice only,
 so peak memory is one layer's tensor, not the whole stack (megatron-notes.md §4.5).
+
+Opening a checkpoint checks it as a resume would (``checkpoint_integrity``: the pickles with the
+restricted unpicklers, the small files' checksums); each data file's checksum is checked before
+its first read.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ import os
 
 import torch
 import yaml
-from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint import load
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-RUN_CONFIG = "run_config.yaml"  # written next to every checkpoint by megatron_gpas.checkpoint.save
+from megatron_gpas.checkpoint_integrity import (FileVerifier, SafeFileSystemReader, check_checkpoint, describe,
+                                                unwrapped_errors)
+from megatron_gpas.checkpoint_paths import RUN_CONFIG, CheckpointError
 
 
 class _SlicePlanner(DefaultLoadPlanner):
@@ -47,9 +53,17 @@ class CheckpointReader:
         if not os.path.isfile(os.path.join(path, "metadata.json")) or not os.path.isfile(os.path.join(path, ".metadata")):
             raise FileNotFoundError(f"{path} is not a complete dist-checkpoint (no metadata.json/.metadata)")
         self.path = path
-        self._reader = FileSystemReader(path)
-        self.metadata = {key: md for key, md in self._reader.read_metadata().state_dict_metadata.items()
+        self._verifier = FileVerifier(path)  # the metadata, config and tokenizer copy now; data files as read
+        problems = check_checkpoint(path, checksums=False).problems  # pickles: refused like a resume refuses them
+        if problems:
+            raise CheckpointError(describe(path, problems))
+        self._reader = SafeFileSystemReader(path)
+        metadata = self._reader.read_metadata()
+        self.metadata = {key: md for key, md in metadata.state_dict_metadata.items()
                          if isinstance(md, TensorStorageMetadata)}
+        self._files: dict[str, set[str]] = {}  # tensor → the files holding its chunks
+        for index, info in metadata.storage_data.items():
+            self._files.setdefault(index.fqn, set()).add(info.relative_path)
         config_file = os.path.join(path, RUN_CONFIG)
         self.run_config = None
         if os.path.isfile(config_file):
@@ -68,8 +82,10 @@ class CheckpointReader:
     def _load(self, key: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         if key not in self.metadata:
             raise KeyError(f"checkpoint {self.path} has no tensor {key!r}")
+        self._verifier.verify(sorted(self._files[key]))
         dest = torch.empty(shape, dtype=self.dtype(key))
-        load({key: dest}, storage_reader=self._reader, planner=_SlicePlanner({key: offsets}), no_dist=True)
+        with unwrapped_errors():
+            load({key: dest}, storage_reader=self._reader, planner=_SlicePlanner({key: offsets}), no_dist=True)
         return dest
 
     def read(self, key: str) -> torch.Tensor:

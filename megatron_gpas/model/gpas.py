@@ -73,16 +73,13 @@ def fixed_gate_values(path: str, num_layers: int) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _read_gate_values(path: str, mtime: float, num_layers: int) -> torch.Tensor:
     if os.path.isdir(path):
-        from torch.distributed.checkpoint import FileSystemReader, load
+        # the offline reader: restricted unpickling, the checksums of the files it reads
+        from megatron_gpas.hf.dcp_reader import CheckpointReader
 
-        checkpoint = path
-        reader = FileSystemReader(checkpoint)
-        metadata = reader.read_metadata().state_dict_metadata
-        if GATE_CHECKPOINT_KEY not in metadata:
-            raise ValueError(f"gpas.fixed_values: checkpoint {checkpoint} has no GPAS gates ({GATE_CHECKPOINT_KEY})")
-        state = {GATE_CHECKPOINT_KEY: torch.empty(metadata[GATE_CHECKPOINT_KEY].size)}
-        load(state, storage_reader=reader, no_dist=True)
-        values = state[GATE_CHECKPOINT_KEY].float()
+        reader = CheckpointReader(path)
+        if GATE_CHECKPOINT_KEY not in reader:
+            raise ValueError(f"gpas.fixed_values: checkpoint {path} has no GPAS gates ({GATE_CHECKPOINT_KEY})")
+        values = reader.read(GATE_CHECKPOINT_KEY).float()
     else:
         with open(path) as f:
             values = torch.tensor(yaml.safe_load(f), dtype=torch.float32)
