@@ -13,10 +13,12 @@ seeded from (train.seed, its name),
     embedding_transform / head_transform   the schemes' modules after the embedding and before
                    the head (OSP's orthogonal projections)
 
-Without this, a pipeline stage (or virtual stage) continued the default generator from wherever
-the stages before it in the same process had left it: a PP=2 run started from other weights than
-a 1-process run. With it, 1 process, TP, PP, VP and DP runs of the same seed start bit-identical
-(tests/test_parallel.py), so layouts can be compared from step 0.
+With one generator running through the build, a pipeline stage (or virtual stage) would draw its
+parts from wherever the parts built before it in the same process left the generator: a PP=2
+run would start from other weights than a 1-process run. With the streams, 1 process, TP, PP,
+VP and DP runs of the same seed start bit-identical
+(tests/test_parallel.py), so layouts can be compared from step 0. (Bit-identical on one kind of
+machine and software: another CPU or library build may round the draws differently.)
 
 Tensor parallelism: every random weight is drawn whole (the global, unsharded tensor) and each
 rank keeps its shard, which is what Megatron's CPU initialisation does
@@ -84,16 +86,12 @@ def single_threaded():
 
 @torch.no_grad()
 def redraw_(weight: torch.Tensor, init_method: Callable[[torch.Tensor], None]) -> torch.Tensor:
-    """Re-initialise ``weight`` with ``init_method`` applied to the whole (unsharded) tensor, of
-    which this rank keeps its shard: the same values as in one process, whatever the TP size.
+    """Re-initialise a weight of one of Megatron's parallel linears with ``init_method`` applied
+    to the whole (unsharded) tensor, of which this rank keeps its shard: the same values as in
+    one process, whatever the TP size.
 
     The shard's place in the whole is Megatron's (its ``partition_dim`` and ``partition_stride``:
     a SwiGLU fc1 holds interleaved [gate; up] parts)."""
-    if not getattr(weight, "tensor_model_parallel", False):
-        full = torch.empty(weight.shape, dtype=torch.float32)
-        init_method(full)
-        weight.copy_(full.to(weight.dtype))
-        return weight
     dim, stride = weight.partition_dim, getattr(weight, "partition_stride", 1)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rows, cols = weight.shape
