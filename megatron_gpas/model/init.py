@@ -25,9 +25,10 @@ rank keeps its shard, which is what Megatron's CPU initialisation does
 (``use_cpu_initialization``, ``_initialize_affine_weight_cpu``; ``redraw_`` below for the
 schemes' own inits). That is also why the model is initialised on the CPU on GPU machines: on
 the GPU Megatron draws each rank's shard from a per-TP-rank CUDA generator, so the weights
-would depend on TP (and CUDA's generator output on the GPU model). Drawing on the CPU costs
-about 4 s per billion parameters on each rank (one core, ~260M normal samples/s): under a
-minute for an 8B model, once per run; the weights then move to the GPU.
+would depend on TP (and CUDA's generator output on the GPU model). Building on the CPU costs
+about 8 s per billion parameters a rank builds (measured on one core: draws, fp32 masters,
+copies), so about a minute for an 8B model at every start, resumes included; the weights then
+move to the GPU.
 
 Every draw is forked off the default CPU generator, so building a model leaves the caller's
 random state untouched.
