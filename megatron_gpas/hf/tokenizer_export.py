@@ -68,9 +68,8 @@ def is_copy_of(recorded: dict, copy: dict) -> bool:
     for key, value in recorded.items():
         if key not in ("kind", "path", "merges_path") and value is not None and copy.get(key) != value:
             return False
-    names = [key for key in ("path", "merges_path") if recorded.get(key)]
-    if kind in DIRECTORY_KINDS:
-        names.remove("path")
+    names = [key for key in ("path", "merges_path")
+             if recorded.get(key) and not (key == "path" and kind in DIRECTORY_KINDS)]
     return all(copy.get(key) and os.path.basename(os.path.normpath(recorded[key])) == os.path.basename(copy[key])
                for key in names)
 
