@@ -399,12 +399,14 @@ def config_from_tree(tree: dict) -> Config:
 NOT_INHERITED = {"model": ("preset",), "gpas": ("freeze", "clip_grad", "fixed_values")}
 
 
-def inherit_architecture(tree: dict, saved: dict) -> dict:
+def inherit_architecture(tree: dict, saved: dict, checkpoint: str | None = None, log=None) -> dict:
     """``tree`` with the network (model, norm, gpas) and data.tokenizer filled in from a
     checkpoint's saved config (run_config.yaml) wherever the tree does not give them.
 
     Keys the tree gives win, including the shape keys of a preset it names; a value that
     then conflicts with the checkpoint is refused by ``checkpoint.check_compatible``.
+    An inherited tokenizer whose files are gone (the checkpoint was moved, or is read on another
+    machine) is replaced by the copy inside ``checkpoint`` (its directory), saying so to ``log``.
     """
     tree = copy.deepcopy(tree)
     sections = {"model": ModelConfig, "norm": NormConfig, "gpas": GPASConfig}
@@ -425,6 +427,12 @@ def inherit_architecture(tree: dict, saved: dict) -> dict:
         known = {f.name for f in fields(TokenizerConfig)}
         saved_tokenizer = (saved.get("data") or {}).get("tokenizer") or {}
         data["tokenizer"] = {k: v for k, v in saved_tokenizer.items() if k in known}
+        if checkpoint is not None:
+            from megatron_gpas.hf.tokenizer_export import recorded_or_copy
+
+            data["tokenizer"], note = recorded_or_copy(data["tokenizer"], checkpoint)
+            if note and log:
+                log(note)
     tree["data"] = data
     return tree
 

@@ -77,7 +77,8 @@ def resolve_finetune_config(path: str | None, overrides: list[str] | None = None
             raise ConfigError(f"{source} has no {RUN_CONFIG}: cannot tell the network it holds")
         with open(run_config) as f:
             saved = yaml.safe_load(f) or {}
-        tree = inherit_architecture(tree, saved)
+        log = (lambda note: print(f"[finetune] {note}", flush=True)) if is_logging_process() else None
+        tree = inherit_architecture(tree, saved, checkpoint=source, log=log)
     gpas = dict(tree.get("gpas") or {})
     gpas.setdefault("freeze", True)  # the fine-tuning default; gpas.freeze=false unfreezes
     tree["gpas"] = gpas

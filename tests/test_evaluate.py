@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from megatron.core import parallel_state
 from megatron_gpas import distributed
 from megatron_gpas.config import load_config
 from megatron_gpas.training import Trainer
-from synthetic import write_synthetic_dataset
+from synthetic import write_integer_tokenizer, write_synthetic_dataset
 from test_parallel import _child_env, _free_port
 
 pytestmark = [
@@ -50,9 +51,11 @@ evaluate_tool = _load_tool()
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
-    """3 pretraining steps (TP1), the end-of-run evaluation, and the checkpoint."""
+    """3 pretraining steps (TP1), the end-of-run evaluation, and the checkpoint. The tokenizer is a
+    file (encoding like the null tokenizer), so the checkpoint carries a copy of it."""
     ws = tmp_path_factory.mktemp("evaluate")
     prefix = write_synthetic_dataset(str(ws / "synthetic"), vocab_size=VOCAB, num_docs=60, doc_len=100)
+    tokenizer = write_integer_tokenizer(ws / "tokenizer" / "tokenizer.json", VOCAB)
     if parallel_state.model_parallel_is_initialized():
         distributed.shutdown(keep_process_group=True)
     trainer = Trainer(load_config(None, [
@@ -60,7 +63,7 @@ def trained(tmp_path_factory) -> dict:
         f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=64", "model.max_seq_length=64",
         "gpas.enabled=true", "train.steps=3", f"train.seq_length={SEQ}", f"train.micro_batch_size={MBS}",
         f"train.global_batch_size={GBS}", f"train.eval_iters={EVAL_ITERS}", "optim.lr=1.0e-2",
-        f"data.paths=['{prefix}']", "data.tokenizer.kind='null'", f"data.tokenizer.vocab_size={VOCAB}",
+        f"data.paths=['{prefix}']", "data.tokenizer.kind='huggingface'", f"data.tokenizer.path='{tokenizer}'",
         f"data.cache_dir='{ws / 'data_cache'}'", "data.split='80,20,0'", f"checkpoint.save='{ws / 'ckpt'}'",
         f"logging.dir='{ws / 'run'}'", "logging.tensorboard=false", "logging.plots=false"]))
     try:
@@ -69,19 +72,25 @@ def trained(tmp_path_factory) -> dict:
         trainer.close()  # as the CLI does; evaluate.py starts its own process group
     # data of a larger vocabulary than the checkpoint's (ids up to 511 for an embedding of 128 rows)
     wide = write_synthetic_dataset(str(ws / "wide"), vocab_size=512, num_docs=60, doc_len=100)
-    return {"ws": ws, "prefix": prefix, "wide": wide, "ckpt": ws / "ckpt", "eval_loss": summary["eval/loss"]}
+    return {"ws": ws, "prefix": prefix, "wide": wide, "ckpt": ws / "ckpt", "eval_loss": summary["eval/loss"],
+            "tokenizer": tokenizer}
 
 
-def _evaluate(trained: dict, name: str, *args: str) -> dict:
+def _evaluate(trained: dict, name: str, *args: str, checkpoint: Path | None = None) -> dict:
     out = trained["ws"] / f"{name}.json"
-    code = evaluate_tool.main([str(trained["ckpt"]), "--data", trained["prefix"], "--output", str(out), *args])
+    code = evaluate_tool.main([str(checkpoint or trained["ckpt"]), "--data", trained["prefix"], "--output", str(out),
+                               *args])
     assert code == 0
     return json.loads(out.read_text())
 
 
+# the trainer's end-of-run evaluation: its validation batches
+TRAINER_EVAL = ("--split", "valid", "--num-batches", str(EVAL_ITERS), "--micro-batch-size", str(MBS),
+                "--global-batch-size", str(GBS))
+
+
 def test_perplexity_is_exp_of_the_trainer_eval_loss(trained):
-    result = _evaluate(trained, "tp1", "--split", "valid", "--num-batches", str(EVAL_ITERS),
-                       "--micro-batch-size", str(MBS), "--global-batch-size", str(GBS))
+    result = _evaluate(trained, "tp1", *TRAINER_EVAL)
     assert result["tokens"] == EVAL_ITERS * GBS * SEQ and result["sequences"] == EVAL_ITERS * GBS
     # same weights, samples, micro-batches and reduction as the trainer: the same number
     assert result["loss"] == pytest.approx(trained["eval_loss"], rel=1e-12, abs=0)
@@ -120,6 +129,25 @@ def test_tensor_parallel_evaluation_under_torchrun(trained):
     # TP splits the matmuls: equal up to fp32 rounding
     assert result["loss"] == pytest.approx(trained["eval_loss"], rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(trained["eval_loss"]), rel=1e-5)
+
+
+def test_a_moved_checkpoint_uses_the_tokenizer_copy_inside_it(trained, capsys):
+    """The checkpoint copied elsewhere and its run's tokenizer file gone (another machine): the
+    tokenizer comes from the copy inside the checkpoint, with a line saying so, and the
+    evaluation is the trainer's."""
+    moved = trained["ws"] / "elsewhere" / "ckpt"
+    shutil.copytree(trained["ckpt"], moved)
+    original = Path(trained["tokenizer"])
+    original.rename(original.with_suffix(".gone"))
+    try:
+        capsys.readouterr()
+        result = _evaluate(trained, "moved", *TRAINER_EVAL, checkpoint=moved)
+    finally:
+        original.with_suffix(".gone").rename(original)
+    copy = moved / "iter_0000003" / "tokenizer" / "tokenizer.json"
+    assert f"[evaluate] tokenizer {original} not found; using the checkpoint's copy {copy}" in capsys.readouterr().out
+    assert result["checkpoint"] == str(moved / "iter_0000003")
+    assert result["loss"] == pytest.approx(trained["eval_loss"], rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("args, message", [

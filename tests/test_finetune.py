@@ -8,7 +8,9 @@ pretraining run writes the checkpoint every fine-tuning run starts from, then
   * the trainer's loss and gradients over a global batch equal a plain forward with a
     hand-written cross-entropy over the response tokens only (token-weighted over the batch),
     and the prompt positions' labels have no effect on either;
-  * an interrupted and resumed fine-tuning run equals the uninterrupted one bit for bit.
+  * an interrupted and resumed fine-tuning run equals the uninterrupted one bit for bit;
+  * a moved checkpoint whose run's tokenizer file is gone fine-tunes with the copy inside it.
+The pretraining run's tokenizer is a tokenizer.json that encodes like the null tokenizer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +35,7 @@ from megatron_gpas.data.instruct import InstructDataError, build_instruct_datase
 from megatron_gpas.finetune import build_trainer, load_finetune_config
 from megatron_gpas.tokenizer import load_tokenizer
 from megatron_gpas.training import Trainer
-from synthetic import write_synthetic_dataset
+from synthetic import write_integer_tokenizer, write_synthetic_dataset
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -311,18 +314,20 @@ def ws(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def pretrained(ws) -> dict:
-    """A 2-step pretraining run (learnable gates from α = 0.3) and its checkpoint."""
+    """A 2-step pretraining run (learnable gates from α = 0.3) and its checkpoint. Its tokenizer
+    is a file that encodes like the null tokenizer, so the checkpoint carries a copy of it."""
     write_synthetic_dataset(str(ws / "synthetic"), vocab_size=VOCAB, num_docs=40, doc_len=100)
+    tokenizer = write_integer_tokenizer(ws / "tokenizer" / "tokenizer.json", VOCAB)
     release_parallel_state()
     trainer = Trainer(load_config(None, [
         *SHAPE, "gpas.enabled=true", "gpas.init=0.3", "train.steps=2", "train.seq_length=16",
         "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_iters=1", "optim.lr=1.0e-2",
-        f"data.paths=['{ws / 'synthetic'}']", "data.tokenizer.kind='null'", f"data.tokenizer.vocab_size={VOCAB}",
+        f"data.paths=['{ws / 'synthetic'}']", "data.tokenizer.kind='huggingface'", f"data.tokenizer.path='{tokenizer}'",
         f"data.cache_dir='{ws / 'data_cache'}'", "data.split='90,10,0'", f"checkpoint.save='{ws / 'pretrain_ckpt'}'",
         f"logging.dir='{ws / 'runs' / 'pretrain'}'", "logging.tensorboard=false", "logging.plots=false"]))
     try:
         trainer.train()
-        return {"root": ws / "pretrain_ckpt", "weights": snapshot(trainer)}
+        return {"root": ws / "pretrain_ckpt", "weights": snapshot(trainer), "tokenizer": tokenizer}
     finally:
         trainer.close(keep_process_group=True)
 
@@ -374,7 +379,7 @@ def test_network_and_tokenizer_come_from_the_checkpoint(ws, pretrained):
     assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (2, 32, 4, 64)
     assert m.vocab_size == VOCAB
     assert cfg.gpas.enabled and cfg.gpas.init == 0.3 and cfg.gpas.freeze is True  # fine-tuning default
-    assert (cfg.data.tokenizer.kind, cfg.data.tokenizer.vocab_size) == ("null", VOCAB)
+    assert (cfg.data.tokenizer.kind, cfg.data.tokenizer.path) == ("huggingface", pretrained["tokenizer"])
     assert load_finetune_config(None, ft_overrides(ws, "arch", "gpas.freeze=false"))[0].gpas.freeze is False
     # an explicit value that contradicts the checkpoint is refused, before any process group
     with pytest.raises(ConfigError, match=r"model.hidden_size: checkpoint has 32, config has 48"):
@@ -504,3 +509,30 @@ def test_resumed_fine_tuning_is_bitwise_identical(ws, reference):
     for name, weight in reference["end"].items():
         assert torch.equal(part2["end"][name], weight), f"{name} differs after resume"
     assert part2["summary"]["eval/loss"] == reference["summary"]["eval/loss"]
+
+
+def test_a_moved_checkpoint_uses_the_tokenizer_copy_inside_it(ws, pretrained, reference, capsys):
+    """The pretraining checkpoint copied elsewhere, its run's tokenizer file gone (another
+    machine): fine-tuning takes the tokenizer copy inside the checkpoint, says so, and its first
+    step is the reference run's."""
+    moved = ws / "elsewhere" / "pretrain_ckpt"
+    shutil.copytree(pretrained["root"], moved)
+    original = Path(pretrained["tokenizer"])
+    original.rename(original.with_suffix(".gone"))
+    try:
+        capsys.readouterr()
+        cfg, source = load_finetune_config(None, ft_overrides(ws, "moved", f"checkpoint.pretrained='{moved}'"))
+        copy = moved / "iter_0000002" / "tokenizer" / "tokenizer.json"
+        assert source == str(moved / "iter_0000002") and cfg.data.tokenizer.path == str(copy)
+        note = f"[finetune] tokenizer {original} not found; using the checkpoint's copy {copy}"
+        assert note in capsys.readouterr().out
+        out = run(ft_overrides(ws, "moved", f"checkpoint.pretrained='{moved}'", "train.exit_after_steps=1"))
+    finally:
+        original.with_suffix(".gone").rename(original)
+    assert out["cfg"].data.tokenizer.path == str(copy)
+    for name, weight in pretrained["weights"].items():
+        assert torch.equal(out["start"][name], weight), name
+    first = [h for h in out["history"] if "train/loss" in h]
+    want = [h for h in reference["history"] if "train/loss" in h][:1]
+    keys = ("train/loss", "train/grad_norm")
+    assert [{k: h[k] for k in keys} for h in first] == [{k: h[k] for k in keys} for h in want]

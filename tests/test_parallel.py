@@ -3,15 +3,17 @@ semantics, sequence-parallel tagging, resume (same and different layout) and cra
 
 Two launches do all the work (tests/parallel_worker.py runs several cases per launch):
   A. one process: dataset, the step-0 checkpoint every run starts from, the 1-process
-     reference (6 steps), a 3+3 interrupted/resumed run, a save that dies mid-way;
+     reference (6 steps), a 3+3 interrupted/resumed run, a save that dies mid-way; the initial
+     weights of INIT_MODELS (and of the default model with another train.seed);
   B. ``torchrun --nproc-per-node 2``: TP=2+SP, PP=2, PP=2×VP=2, DP=2+distributed optimizer
      (4 steps each from the same step-0 weights), a resume of A's step-3 checkpoint under
-     TP=2+SP, and the distributed-optimizer state reload error on CPU.
+     TP=2+SP, and the distributed-optimizer state reload error on CPU; the initial weights of
+     INIT_MODELS under TP=2+SP, PP=2 and PP=2×VP=2.
 
 Every run loads the step-0 checkpoint weights-only (checkpoint.load_optimizer=false, which
 the distributed optimizer on CPU needs anyway), uses the same data, and trains with both
-clips active: optim.clip_grad=0.5 (pre-clip global norms are ~1-5) and gpas.clip_grad=2e-4 (pre-clip gate norms are ~1e-3 and
-more, ~4e-4 after the global clip).
+clips active: optim.clip_grad=0.5 (pre-clip global norms are ~1) and gpas.clip_grad=1e-4
+(pre-clip gate norms are 3.5e-4 and more, 1.7e-4 and more after the global clip).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from synthetic import synthetic_run_overrides
 
@@ -32,7 +35,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 WORKER = TESTS_DIR / "parallel_worker.py"
 
 CLIP_GRAD = 0.5
-GATE_CLIP_GRAD = 2e-4
+GATE_CLIP_GRAD = 1e-4
 STEPS = 6  # the LR schedule of every run spans 6 steps
 EQUIV_STEPS = 4  # parallel layouts stop after 4 (train.exit_after_steps)
 RESUME_AT = 3
@@ -57,6 +60,17 @@ LAYOUTS = {
     "pp2_vp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
     "dp2_distopt": ["parallel.distributed_optimizer=true"],
 }
+
+# Initial weights must not depend on the layout (megatron_gpas/model/init.py): the default model,
+# DeepNorm with its β-init (a TP-sharded redraw inside each layer) and OSP (replicated random
+# projections after the embedding and before the head), each saved at step 0 from a fresh build.
+INIT_MODELS = {
+    "pre_gpas": [],
+    "deepnorm_beta": ["norm.scheme=deepnorm", "norm.deepnorm_beta_init=true"],
+    "osp": ["norm.scheme=osp"],
+}
+INIT_LAYOUTS = ("tp2_sp", "pp2", "pp2_vp2")
+OTHER_SEED = 7  # train.seed of one more 1-process build of the default model (the base runs use 42)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -124,6 +138,14 @@ def _overrides(ws: Path, run: str, *extra: str) -> list[str]:
     ]
 
 
+def _init_case(ws: Path, model: str, layout: str, *extra: str) -> dict:
+    """Save the step-0 weights of a fresh build of ``model`` in ``layout`` (no checkpoint loaded)."""
+    root = ws / "init_weights" / model / layout
+    return {"name": f"init/{model}/{layout}", "kind": "save_init",
+            "overrides": _overrides(ws, f"init_{model}_{layout}", *INIT_MODELS[model], *extra,
+                                    f"checkpoint.save='{root}'")}
+
+
 @pytest.fixture(scope="module")
 def single(workspace) -> dict:
     """Launch A (one process)."""
@@ -142,6 +164,8 @@ def single(workspace) -> dict:
         {"name": "crash_save", "kind": "crash_save", "root": str(ws / "ckpt_crash"),
          "overrides": _overrides(ws, "crash", f"checkpoint.load='{ws / 'ckpt_crash'}'",
                                  f"checkpoint.save='{ws / 'ckpt_crash'}'")},
+        *[_init_case(ws, model, "single") for model in INIT_MODELS if model != "pre_gpas"],  # "init" is pre_gpas
+        _init_case(ws, "pre_gpas", "other_seed", f"train.seed={OTHER_SEED}"),
     ]
     return _launch(ws, "single", 1, cases, timeout=300)[0]["cases"]
 
@@ -165,6 +189,7 @@ def multi(workspace, single) -> list[dict]:
     cases.append({"name": "distopt_resume_error", "kind": "expect_error",
                   "overrides": _overrides(ws, "distopt_error", *LAYOUTS["dp2_distopt"],
                                           f"checkpoint.load='{ws / 'ckpt_init'}'", "checkpoint.load_optimizer=true")})
+    cases += [_init_case(ws, model, layout, *LAYOUTS[layout]) for model in INIT_MODELS for layout in INIT_LAYOUTS]
     return [r["cases"] for r in _launch(ws, "multi", 2, cases, timeout=420)]
 
 
@@ -224,6 +249,53 @@ def test_parallel_layout_matches_single_process(layout, single, multi):
     # the gates did move (so comparing them checks the clipped gate updates)
     assert all(abs(a) > 1e-4 for a in run[-1]["alpha"]), run[-1]["alpha"]
     assert not problems, f"{layout} differs from 1 process:\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- 1b. initial weights
+
+
+def _initial_weights(single: dict, multi: list[dict], model: str, layout: str) -> dict:
+    """The model tensors of a step-0 checkpoint (global, unsharded, keyed by global names)."""
+    from megatron_gpas.hf.dcp_reader import CheckpointReader
+
+    if (model, layout) == ("pre_gpas", "single"):
+        path = single["init"]["latest"]  # the checkpoint every run above starts from
+    else:
+        path = (single if layout in ("single", "other_seed") else multi[0])[f"init/{model}/{layout}"]["latest"]
+    reader = CheckpointReader(path)
+    return {key: reader.read(key) for key in reader.metadata if not key.startswith("optimizer.")}
+
+
+@pytest.mark.parametrize("model", list(INIT_MODELS))
+def test_initial_weights_are_the_same_in_every_layout(model, single, multi):
+    """The same train.seed gives bit-identical initial weights under TP=2+SP, PP=2 and
+    PP=2×VP=2 as in one process: every stage builds its parameters from streams of their own."""
+    reference = _initial_weights(single, multi, model, "single")
+    assert {"embedding.word_embeddings.weight", "output_layer.weight",
+            "decoder.layers.self_attention.linear_qkv.weight"} <= set(reference), sorted(reference)
+    if model == "osp":
+        assert {"embedding_transform.weight", "head_transform.weight"} <= set(reference), sorted(reference)
+    for layout in INIT_LAYOUTS:
+        weights = _initial_weights(single, multi, model, layout)
+        assert set(weights) == set(reference), (layout, set(weights) ^ set(reference))
+        differ = [key for key, value in reference.items() if not torch.equal(weights[key], value)]
+        assert not differ, f"{model}: initial weights under {layout} differ from 1 process: {differ}"
+
+
+def test_initial_weights_come_from_the_seed_one_stream_per_layer(single, multi):
+    """Guards the comparison above against trivial agreement: the random weights change with
+    train.seed, and no two layers (or the embedding and the head) draw the same values."""
+    weights = _initial_weights(single, multi, "pre_gpas", "single")
+    other = _initial_weights(single, multi, "pre_gpas", "other_seed")
+    random_keys = [key for key, value in weights.items() if value.dim() >= 2 and value.float().std() > 0]
+    assert len(random_keys) == 6, random_keys  # embedding, head; qkv, proj, fc1, fc2 (stacked)
+    for key in random_keys:
+        assert not torch.equal(weights[key], other[key]), f"{key} does not depend on train.seed"
+        if key.startswith("decoder.layers."):  # stacked [layer, ...]
+            rows = weights[key].flatten(1)
+            assert all(not torch.equal(rows[i], rows[j]) for i in range(NUM_LAYERS) for j in range(i)), key
+    assert not torch.equal(weights["embedding.word_embeddings.weight"].flatten()[:1000],
+                           weights["output_layer.weight"].flatten()[:1000])
 
 
 # --------------------------------------------------------------------------- 2. clip semantics

@@ -4,6 +4,8 @@ The checkpoint's copy (``iter_N/tokenizer/``) must hold every file the tokenizer
 GPT-2 vocabulary given alone brings its merges file), and the exported Hugging Face
 tokenizer must give our ids, our end-of-document id and no BOS/EOS: the data the model was
 trained on. The source files are deleted before exporting, so only the copy can serve.
+When a checkpoint's recorded tokenizer files are gone, the copy stands in for them (finetune,
+evaluate), but only for the tokenizer it is a copy of.
 """
 
 import shutil
@@ -11,7 +13,8 @@ import shutil
 import pytest
 import yaml
 
-from megatron_gpas.hf.tokenizer_export import TOKENIZER_DIR, TOKENIZER_SPEC, copy_into_checkpoint, export_tokenizer
+from megatron_gpas.hf.tokenizer_export import (TOKENIZER_DIR, TOKENIZER_SPEC, copy_into_checkpoint, export_tokenizer,
+                                               recorded_or_copy)
 from megatron_gpas.tokenizer import tokenizer_from_config
 from test_tokenizer_and_preprocess import (  # noqa: F401  (fixtures)
     AWKWARD_TEXTS,
@@ -77,3 +80,26 @@ def test_null_tokenizer_has_no_hf_form(tmp_path):
     report, (bos, eos) = export_tokenizer(str(tmp_path / "ckpt"), {}, str(tmp_path))
     assert report == {"exported": False, "reason": "a null tokenizer has no Hugging Face form", "eos_token_id": 299}
     assert (bos, eos) == (None, 299)
+
+
+def test_the_copy_stands_in_only_for_the_missing_tokenizer_it_copies(gpt2_files, tmp_path):
+    source = tmp_path / "tokenizers" / "gpt2"
+    shutil.copytree(gpt2_files, source)
+    recorded = {"kind": "gpt2", "path": str(source / "vocab.json"), "eod_token": "<|endoftext|>"}
+    checkpoint = tmp_path / "iter_0000010"
+    copy_into_checkpoint(recorded, checkpoint)
+    copy = {**recorded, "path": str(checkpoint / TOKENIZER_DIR / "vocab.json"),
+            "merges_path": str(checkpoint / TOKENIZER_DIR / "merges.txt")}
+    assert recorded_or_copy(recorded, str(checkpoint)) == (recorded, None)  # its files are there: itself
+    shutil.rmtree(source)
+    spec, note = recorded_or_copy(recorded, str(checkpoint))
+    assert spec == copy
+    assert note == f"tokenizer {source / 'vocab.json'} not found; using the checkpoint's copy {copy['path']}"
+    assert tokenizer_from_config(spec).encode("a b") == tokenizer_from_config({"kind": "gpt2", "path": str(
+        gpt2_files / "vocab.json")}).encode("a b")
+    assert recorded_or_copy({**recorded, "path": str(source)}, str(checkpoint))[0] == copy  # a gpt2 directory
+    for other in ({**recorded, "kind": "huggingface"}, {**recorded, "eod_token": "<|other|>"},
+                  {**recorded, "merges_path": str(source / "other_merges.txt")},
+                  {"kind": "tiktoken", "path": str(source / "vocab.json")}):
+        assert recorded_or_copy(other, str(checkpoint)) == (other, None), other
+    assert recorded_or_copy(recorded, str(tmp_path / "no_copy")) == (recorded, None)

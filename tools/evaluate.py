@@ -72,7 +72,8 @@ def build_config(args):
     path = pretrained_checkpoint(args.checkpoint, what="checkpoint")
     with open(os.path.join(path, RUN_CONFIG)) as f:
         saved = yaml.safe_load(f) or {}
-    tree = inherit_architecture(load_tree(None, args.overrides), saved)
+    log = (lambda note: print(f"[evaluate] {note}", flush=True)) if _rank0() else None
+    tree = inherit_architecture(load_tree(None, args.overrides), saved, checkpoint=path, log=log)
     saved_train, saved_data = saved.get("train") or {}, saved.get("data") or {}
     train = tree.setdefault("train", {})
     train.setdefault("seed", saved_train.get("seed", 42))  # GPTDataset's sample order, as in training

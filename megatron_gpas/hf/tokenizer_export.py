@@ -26,22 +26,67 @@ PROBE_TEXTS = (
 )
 
 
+def checkpoint_copy(checkpoint_path: str) -> dict | None:
+    """The tokenizer copy a checkpoint carries, as a ``data.tokenizer`` section whose paths are
+    those of the copy's files; None if it carries none."""
+    copy = os.path.join(checkpoint_path, TOKENIZER_DIR)
+    if not os.path.isfile(os.path.join(copy, TOKENIZER_SPEC)):
+        return None
+    with open(os.path.join(copy, TOKENIZER_SPEC)) as f:
+        spec = yaml.safe_load(f) or {}
+    for key in ("path", "merges_path"):
+        if spec.get(key) is not None:
+            spec[key] = os.path.normpath(os.path.join(copy, spec[key]))
+    return spec
+
+
 def tokenizer_spec(checkpoint_path: str, run_config: dict, override: str | None) -> dict | None:
     """The ``data.tokenizer`` config section to load the run's tokenizer from, or None."""
     if override:
         return {"kind": "auto", "path": override}
-    copy = os.path.join(checkpoint_path, TOKENIZER_DIR)
-    if os.path.isfile(os.path.join(copy, TOKENIZER_SPEC)):
-        with open(os.path.join(copy, TOKENIZER_SPEC)) as f:
-            spec = yaml.safe_load(f)
-        for key in ("path", "merges_path"):
-            if spec.get(key) is not None:
-                spec[key] = os.path.normpath(os.path.join(copy, spec[key]))
-        return spec
+    copy = checkpoint_copy(checkpoint_path)
+    if copy is not None:
+        return copy
     spec = dict(run_config.get("data", {}).get("tokenizer") or {})
     if spec.get("kind") == "null" or (spec.get("path") and os.path.exists(os.path.expanduser(spec["path"]))):
         return spec
     return None
+
+
+# the kinds whose path may name a directory (the copy then holds a file of it)
+DIRECTORY_KINDS = ("auto", "gpt2")
+
+
+def is_copy_of(recorded: dict, copy: dict) -> bool:
+    """Whether ``copy`` (a checkpoint's tokenizer.yaml) is the tokenizer that ``recorded`` (the
+    data.tokenizer section of the same checkpoint's run_config.yaml) describes, as far as that
+    can be told without the recorded files: the same kind (``auto`` stands for any), the same
+    options, and the same file names (unless the recorded path may be a directory)."""
+    kind = recorded.get("kind") or "auto"
+    if kind not in ("auto", copy.get("kind")):
+        return False
+    for key, value in recorded.items():
+        if key not in ("kind", "path", "merges_path") and value is not None and copy.get(key) != value:
+            return False
+    names = [key for key in ("path", "merges_path")
+             if recorded.get(key) and not (key == "path" and kind in DIRECTORY_KINDS)]
+    return all(copy.get(key) and os.path.basename(os.path.normpath(recorded[key])) == os.path.basename(copy[key])
+               for key in names)
+
+
+def recorded_or_copy(recorded: dict, checkpoint_path: str) -> tuple[dict, str | None]:
+    """The tokenizer to use for a checkpoint whose run_config.yaml records ``recorded``: that
+    one while its files exist, else the checkpoint's own copy of it (a moved checkpoint, or one
+    on another machine), with a line saying so. When neither is there, ``recorded`` (the config
+    check then names the missing file)."""
+    files = [recorded[key] for key in ("path", "merges_path") if recorded.get(key)]
+    if not files or all(os.path.exists(os.path.expanduser(f)) for f in files):
+        return recorded, None
+    copy = checkpoint_copy(checkpoint_path)
+    if copy is None or not is_copy_of(recorded, copy):
+        return recorded, None
+    missing = next(f for f in files if not os.path.exists(os.path.expanduser(f)))
+    return copy, f"tokenizer {missing} not found; using the checkpoint's copy {copy['path']}"
 
 
 def _backend_tokenizer(ours):

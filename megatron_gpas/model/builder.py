@@ -14,6 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from megatron_gpas.config import Config, head_dim, padded_vocab_size
+from megatron_gpas.model.init import init_stream, seeded_init_method
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
 
@@ -45,7 +46,9 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         init_method_std=m.init_std,
         output_layer_init_method=init_method_normal(m.init_std),
         embedding_init_method_std=m.embedding_init_std,
-        use_cpu_initialization=on_cpu,
+        # drawn on the CPU on GPU machines too: whole tensors, then each TP rank's shard, so the
+        # initial weights do not depend on the layout (model/init.py)
+        use_cpu_initialization=True,
         # parallelism
         tensor_model_parallel_size=p.tensor,
         pipeline_model_parallel_size=p.pipeline,
@@ -68,6 +71,9 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         attention_softmax_in_fp32=True,
     )
     fields.update(get_scheme(cfg).transformer_config_overrides(cfg))
+    # the word embedding draws from a stream of its own (model/init.py), with the scheme's std
+    fields["embedding_init_method"] = seeded_init_method(init_method_normal(fields["embedding_init_method_std"]),
+                                                         cfg.train.seed, "embedding")
     return TransformerConfig(**fields)
 
 
@@ -99,28 +105,45 @@ def attach_head_transform(model: GPTModel, transform: nn.Module) -> None:
     model.output_layer.register_forward_pre_hook(transform_input, with_kwargs=True)
 
 
+def _in_stream(seed: int, make_transform, cfg: Config, config: TransformerConfig):
+    """A scheme's transform, its random init drawn from the stream named after it."""
+    with init_stream(seed, make_transform.__name__):
+        return make_transform(cfg, config)
+
+
 def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]:
-    """One GPTModel per virtual pipeline stage held by this rank (a single one without VP)."""
+    """One GPTModel per virtual pipeline stage held by this rank (a single one without VP), on
+    the current GPU when there is one.
+
+    Every random init draws from a stream named by what it initialises (model/init.py), so the
+    weights are those of a one-process build whatever the TP/PP/VP layout: the embedding (its
+    init method), each layer (``NormLayer``), the LM head (the one remaining draw in GPTModel's
+    construction, which therefore runs in the head's stream) and the schemes' transforms.
+    """
     vp = cfg.parallel.virtual_pipeline
+    seed = cfg.train.seed
     scheme = get_scheme(cfg)
     chunks = []
     for vp_stage in range(vp) if vp > 1 else [None]:
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
-            vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tensor),
-            max_sequence_length=cfg.train.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_base=int(cfg.model.rope_base),
-            parallel_output=True,
-            vp_stage=vp_stage,
-        )
-        if model.pre_process and (transform := scheme.embedding_transform(cfg, config)) is not None:
+        with init_stream(seed, "output_layer"):
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=decoder_block_spec(cfg, config, vp_stage),
+                vocab_size=padded_vocab_size(cfg.model, cfg.parallel.tensor),
+                max_sequence_length=cfg.train.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                rotary_base=int(cfg.model.rope_base),
+                parallel_output=True,
+                vp_stage=vp_stage,
+            )
+        if model.pre_process and (transform := _in_stream(seed, scheme.embedding_transform, cfg, config)) is not None:
             attach_embedding_transform(model, transform)
-        if model.post_process and (transform := scheme.head_transform(cfg, config)) is not None:
+        if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:
             attach_head_transform(model, transform)
         chunks.append(model)
+    if torch.cuda.is_available():  # built on the CPU (use_cpu_initialization); used where the GPU is
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks

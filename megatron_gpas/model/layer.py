@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megatron_gpas.config import Config
 from megatron_gpas.model.gpas import GPASGate, fixed_gate_values
+from megatron_gpas.model.init import init_stream
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.sublayer import ResidualAdd
 
@@ -14,10 +15,19 @@ class NormLayer(TransformerLayer):
     """A TransformerLayer whose norms, residual adds and GPAS gate follow ``norm.scheme``.
 
     ``self.layer_number`` is global and 1-based under pipeline and virtual pipeline
-    parallelism (Megatron adds the stage offset in ``TransformerLayer.__init__``).
+    parallelism (Megatron adds the stage offset in ``TransformerLayer.__init__``). The whole
+    layer, the scheme's own inits included, is built in the random stream of that number
+    (model/init.py), so its initial weights do not depend on the layout.
     """
 
     def __init__(self, config, submodules, layer_number: int = 1, *, cfg: Config, **kwargs):
+        # the global number Megatron is about to give the layer (checked below)
+        number = layer_number + get_transformer_layer_offset(config, kwargs.get("vp_stage"))
+        with init_stream(cfg.train.seed, "layer", number):
+            self._build(config, submodules, layer_number, cfg, **kwargs)
+        assert self.layer_number == number, f"layer {self.layer_number} was built in the stream of layer {number}"
+
+    def _build(self, config, submodules, layer_number: int, cfg: Config, **kwargs):
         super().__init__(config, submodules, layer_number, **kwargs)
         gpas = cfg.gpas
         self.gpas = None

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from megatron_gpas.config import Config, ConfigError, NormConfig, parse_section
+from megatron_gpas.model.init import single_threaded
 from megatron_gpas.model.norms import LayerNorm, RMSNorm
 
 if TYPE_CHECKING:
@@ -200,15 +201,17 @@ class Scheme:
 
 
 @torch.no_grad()
-def seeded_orthogonal_(weight: torch.Tensor, seed: int) -> torch.Tensor:
-    """Orthogonal init from a generator of its own: the same values on every rank that holds a
-    replica (TP ranks of a replicated weight) and in every layout."""
-    generator = torch.Generator().manual_seed(seed)
+def orthogonal_(weight: torch.Tensor) -> torch.Tensor:
+    """A uniformly random orthogonal matrix, drawn from the default generator in fp32 (the
+    builder runs a scheme's transforms in a random stream of their own, model/init.py). The QR
+    runs on one thread: its bits depend on the thread count, and the values must not depend on
+    the layout (torchrun gives each process one thread)."""
     values = torch.empty(weight.shape, dtype=torch.float32)
     rows, cols = values.shape
-    flat = torch.randn(max(rows, cols), min(rows, cols), generator=generator)
-    q, r = torch.linalg.qr(flat)
-    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)  # a uniformly random orthogonal matrix
+    flat = torch.randn(max(rows, cols), min(rows, cols))
+    with single_threaded():
+        q, r = torch.linalg.qr(flat)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
     values.copy_(q if rows >= cols else q.T)
     weight.copy_(values.to(weight.device, weight.dtype))
     return weight

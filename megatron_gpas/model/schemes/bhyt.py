@@ -49,11 +49,15 @@ def value_output_gain(layer) -> torch.Tensor:
     q_per_group = c.num_attention_heads // groups
     tp_group = parallel_state.get_tensor_model_parallel_group()
     tp = dist.get_world_size(tp_group)
+    # While the model is built, its weights are still on the CPU (model/init.py): compute on the
+    # GPU when there is one (NCCL reduces CUDA tensors only, and it is faster).
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # Megatron's fused QKV rows: per local query group [q heads ..., k, v], head_dim rows each.
-    qkv = layer.self_attention.linear_qkv.weight.detach().float()
+    qkv = layer.self_attention.linear_qkv.weight.detach().to(device, torch.float32)
     values = qkv.view(groups // tp, q_per_group + 2, c.kv_channels, -1)[:, q_per_group + 1]
     per_head = values.repeat_interleave(q_per_group, dim=0).reshape(-1, qkv.shape[-1])
-    product = layer.self_attention.linear_proj.weight.detach().float() @ per_head  # [d, d], this rank's heads
+    proj = layer.self_attention.linear_proj.weight.detach().to(device, torch.float32)
+    product = proj @ per_head  # [d, d], this rank's heads
     if tp > 1:
         dist.all_reduce(product, group=tp_group)
     return product.pow(2).sum()

@@ -20,10 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_gpas.model.norms import RMSNorm, ScalarRMSNorm, mark_sequence_parallel
-from megatron_gpas.model.schemes.base import ExportPlan, Scheme, pre_norm, seeded_orthogonal_
-
-# Seeds of the two projections' orthogonal init, offset from train.seed (same on every rank).
-EMBEDDING_PROJECTION_SEED, HEAD_PROJECTION_SEED = 1_000_003, 2_000_003
+from megatron_gpas.model.schemes.base import ExportPlan, Scheme, orthogonal_, pre_norm
 
 
 @dataclasses.dataclass
@@ -33,12 +30,13 @@ class OSPOptions:
 
 
 class Projection(nn.Module):
-    """y = R·x with a d×d weight replicated over TP ranks (orthogonal init, no bias)."""
+    """y = R·x with a d×d weight replicated over TP ranks (orthogonal init, no bias; the
+    builder draws it from the random stream of its place, the same on every rank)."""
 
-    def __init__(self, config, width: int, seed: int):
+    def __init__(self, config, width: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(width, width, dtype=config.params_dtype))
-        seeded_orthogonal_(self.weight.data, seed)
+        orthogonal_(self.weight.data)
         mark_sequence_parallel(self, config)  # tokens are split over TP ranks under SP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,12 +58,12 @@ class OSP(Scheme):
     def embedding_transform(self, cfg, config):
         if not self.options(cfg.norm).embedding_projection:
             return None
-        return Projection(config, cfg.model.hidden_size, cfg.train.seed + EMBEDDING_PROJECTION_SEED)
+        return Projection(config, cfg.model.hidden_size)
 
     def head_transform(self, cfg, config):
         if not self.options(cfg.norm).embedding_projection:
             return None
-        return Projection(config, cfg.model.hidden_size, cfg.train.seed + HEAD_PROJECTION_SEED)
+        return Projection(config, cfg.model.hidden_size)
 
     def te_final_norm(self, cfg) -> bool:
         return not self.options(cfg.norm).single_scale

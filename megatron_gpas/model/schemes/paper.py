@@ -12,9 +12,10 @@ import math
 
 import torch
 
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core.utils import init_method_normal
 
 from megatron_gpas.config import ConfigError
+from megatron_gpas.model.init import redraw_
 from megatron_gpas.model.schemes.base import PRE_NORM_GATE_SLOTS, ExportPlan, Scheme, post_norm, pre_norm
 
 
@@ -173,22 +174,25 @@ def xavier_normal_std(fan_in: int, fan_out: int, gain: float) -> float:
 @torch.no_grad()
 def deepnorm_beta_init(layer, num_layers: int) -> None:
     """Re-initialise the projections with DeepNet's gains, fans of the *global* (unsharded)
-    HF-layout matrices, so the statistics do not depend on the TP layout."""
+    HF-layout matrices. Each matrix is drawn whole, in the layer's random stream, and each TP
+    rank keeps its shard (``redraw_``): the same weights in every layout."""
     c = layer.config
     h, d, ffn = c.hidden_size, c.kv_channels, c.ffn_hidden_size
     heads, groups = c.num_attention_heads, c.num_query_groups or c.num_attention_heads
-    tp = parallel_state.get_tensor_model_parallel_world_size()
     beta = (8 * num_layers) ** -0.25
     q_per_group = heads // groups
-    # Megatron's fused QKV: per query group [q heads of the group..., k, v], head_dim rows each.
-    qkv = layer.self_attention.linear_qkv.weight.data.view(groups // tp, q_per_group + 2, d, -1)
-    with tensor_parallel.get_cuda_rng_tracker().fork():  # TP shards draw different values
-        qkv[:, :q_per_group].normal_(0.0, xavier_normal_std(h, heads * d, 1.0))
-        qkv[:, q_per_group].normal_(0.0, xavier_normal_std(h, groups * d, 1.0))
-        qkv[:, q_per_group + 1].normal_(0.0, xavier_normal_std(h, groups * d, beta))
-        layer.self_attention.linear_proj.weight.data.normal_(0.0, xavier_normal_std(heads * d, h, beta))
-        layer.mlp.linear_fc1.weight.data.normal_(0.0, xavier_normal_std(h, ffn, beta))  # [gate; up]
-        layer.mlp.linear_fc2.weight.data.normal_(0.0, xavier_normal_std(ffn, h, beta))
+
+    def qkv_init(qkv: torch.Tensor) -> None:
+        # Megatron's fused QKV: per query group [q heads of the group..., k, v], head_dim rows each.
+        rows = qkv.view(groups, q_per_group + 2, d, -1)
+        rows[:, :q_per_group].normal_(0.0, xavier_normal_std(h, heads * d, 1.0))
+        rows[:, q_per_group].normal_(0.0, xavier_normal_std(h, groups * d, 1.0))
+        rows[:, q_per_group + 1].normal_(0.0, xavier_normal_std(h, groups * d, beta))
+
+    redraw_(layer.self_attention.linear_qkv.weight, qkv_init)
+    redraw_(layer.self_attention.linear_proj.weight, init_method_normal(xavier_normal_std(heads * d, h, beta)))
+    redraw_(layer.mlp.linear_fc1.weight, init_method_normal(xavier_normal_std(h, ffn, beta)))  # [gate; up]
+    redraw_(layer.mlp.linear_fc2.weight, init_method_normal(xavier_normal_std(ffn, h, beta)))
 
 
 PAPER_SCHEMES = (PreLN(), PostLN(), DeepNorm(), SandwichLN(), MixLN(), LayerNormScaling())
