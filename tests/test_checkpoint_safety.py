@@ -121,7 +121,7 @@ def copy_of(base: Path, tmp_path: Path) -> Path:
 @contextlib.contextmanager
 def live_trainer(cfg_overrides: list[str]):
     release_parallel_state()
-    trainer = Trainer(load_config(None, cfg_overrides))
+    trainer = Trainer(load_config(None, cfg_overrides), force=True)  # the cases share a log folder
     try:
         yield trainer
     finally:

@@ -66,6 +66,9 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 def test_a_new_run_into_a_used_folder_is_refused_and_force_replaces_it(ws):
+    from megatron_gpas import distributed
+
+    distributed.shutdown()  # a process group left by another test module would hide what this one checks
     run_dir = ws / "runs" / "owned"
     (run_dir / "data_cache").mkdir(parents=True)
     (run_dir / "data_cache" / "index.npy").write_text("shared")
