@@ -87,7 +87,9 @@ class Job:
             value = condition()
             if value:
                 return value
-            assert self.proc.poll() is None, f"the job ended before {what}"
+            if self.proc.poll() is not None:
+                logs = "".join(p.read_text() for p in self.ws.glob(f"*-{self.id}.out"))
+                raise AssertionError(f"the job ended before {what}:\n{logs[-4000:]}")
             time.sleep(0.02)
         raise AssertionError(f"timed out waiting for {what}")
 
@@ -252,8 +254,11 @@ def test_preempted_twice_requeues_itself_and_equals_the_uninterrupted_run(ws, re
 
     record = job.wait()
     log = job.log("pretrain")
-    assert [(r["restart"], r["requeued"]) for r in record["runs"]] == [(0, True), (1, True), (2, False)], log[-3000:]
+    assert [(r["restart"], r["requeued"], r["returncode"]) for r in record["runs"]] == [
+        (0, True, 0), (1, True, 0), (2, False, 0)], log[-3000:]  # (a requeued attempt exits 0 after scontrol)
     assert record["state"] == "COMPLETED" and record["returncodes"] == [0]
+    assert f"requeued job {job.id}: attempt 2 resumes at step {k1}" in log
+    assert f"requeued job {job.id}: attempt 3 resumes at step {k2}" in log
     # every attempt in the one log (--open-mode=append), each resuming where the last one stopped
     for restart in range(3):
         assert f"attempt {restart + 1} (SLURM_RESTART_COUNT={restart})" in log
@@ -329,6 +334,9 @@ def test_a_job_without_checkpoint_save_is_refused(ws, tmp_path):
 
 def test_convert_and_evaluate_jobs_on_the_reference_checkpoint(ws, reference, tmp_path):
     ckpt = reference["checkpoint"]
+    # perplexity on 2 srun tasks (DP=2), submitted first: the conversion runs meanwhile, locally
+    job = Job(ws, _env(ws, RESULTS=str(tmp_path / "eval")), "--ntasks=2", str(SLURM / "evaluate.sbatch"), str(ckpt),
+              "--data", str(ws / "data" / "synthetic"), "--num-batches", "1", "--global-batch-size", "8")
     proc = subprocess.run(["bash", str(SLURM / "convert_to_hf.sbatch"), str(ckpt), str(tmp_path / "hf")],
                           cwd=tmp_path, env=_env(ws), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
@@ -336,9 +344,7 @@ def test_convert_and_evaluate_jobs_on_the_reference_checkpoint(ws, reference, tm
     assert export["format"] == "llama" and (tmp_path / "hf" / "model.safetensors").exists()
     assert Path(export["checkpoint"]).name == f"iter_{STEPS:07d}"
 
-    # perplexity on 2 srun tasks (DP=2) equals the reference's own final evaluation, bitwise
-    job = Job(ws, _env(ws, RESULTS=str(tmp_path / "eval")), "--ntasks=2", str(SLURM / "evaluate.sbatch"), str(ckpt),
-              "--data", str(ws / "data" / "synthetic"), "--num-batches", "1", "--global-batch-size", "8")
+    # the perplexity equals the reference's own final evaluation, bitwise
     record = job.wait()
     assert record["state"] == "COMPLETED", job.log("evaluate")[-3000:]
     result = json.loads((tmp_path / "eval" / "perplexity.json").read_text())
