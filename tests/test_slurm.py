@@ -281,9 +281,10 @@ def test_preempted_twice_requeues_itself_and_equals_the_uninterrupted_run(ws, re
 
 
 @pytest.fixture(scope="module")
-def unrequeued(ws) -> dict:
-    """Three single-task jobs, run side by side, that must end without being requeued (again):
-    name -> (the emulator's record, the job's log)."""
+def single_task_runs(ws) -> dict:
+    """Four single-process runs side by side: three jobs that must end without being requeued
+    (again), name -> (the emulator's record, the job's log), and "local": a run without SLURM
+    stopped by SIGTERM to the script, -> (exit code, output)."""
     jobs = {
         # every attempt ends before its first step (a wall-clock budget shorter than a step)
         "stuck": Job(ws, _env(ws, MAX_NO_PROGRESS="2"), "--ntasks=1", "--job-name=stuck", str(SLURM / "pretrain.sbatch"),
@@ -293,12 +294,29 @@ def unrequeued(ws) -> dict:
         "invalid": Job(ws, _env(ws), "--ntasks=1", "--job-name=invalid", str(SLURM / "pretrain.sbatch"),
                        str(ws / "tiny.yaml"), *_overrides(ws, "invalid", "train.global_batch_size=7")),
     }
-    return {name: (job.wait(), job.log(name)) for name, job in jobs.items()}
+    local = subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), str(ws / "tiny.yaml"), *_overrides(ws, "local")],
+                             cwd=ws, env=_env(ws), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while _last_step(ws / "runs" / "local") < 1 and local.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    local.send_signal(signal.SIGTERM)
+    out, _ = local.communicate(timeout=TIMEOUT)
+    return {"local": (local.returncode, out), **{name: (job.wait(), job.log(name)) for name, job in jobs.items()}}
 
 
-def test_a_job_without_progress_stops_requeueing(ws, unrequeued):
+def test_locally_a_stop_signal_saves_and_exits_75(ws, single_task_runs):
+    """Without SLURM: SIGTERM to the script reaches the trainer, which saves; exit 75 says "run it again"."""
+    code, out = single_task_runs["local"]
+    assert code == 75, out[-3000:]
+    (step,) = _checkpoints(ws / "ckpt" / "local")
+    assert "[job] SIGTERM: passed to the 1 process(es)" in out and "[signal] SIGTERM received" in out
+    assert f"stopped early (exit code 75); newest checkpoint: {ws / 'ckpt' / 'local'}/iter_{step:07d}" in out
+    assert "Run the same command again to continue" in out and 0 < step < STEPS
+
+
+def test_a_job_without_progress_stops_requeueing(ws, single_task_runs):
     """After MAX_NO_PROGRESS attempts in a row without a newer checkpoint the job gives up."""
-    record, log = unrequeued["stuck"]
+    record, log = single_task_runs["stuck"]
     assert [(r["restart"], r["requeued"], r["returncode"]) for r in record["runs"]] == [(0, True, 0), (1, False, 75)], \
         log[-3000:]
     assert record["state"] == "FAILED"
@@ -313,8 +331,8 @@ def test_a_job_without_progress_stops_requeueing(ws, unrequeued):
 
 @pytest.mark.parametrize("name, code, message", [
     ("diverged", 3, "the run diverged (exit code 3"), ("invalid", 2, "the trainer refused the configuration")])
-def test_diverged_and_invalid_jobs_are_not_requeued(unrequeued, name, code, message):
-    record, log = unrequeued[name]
+def test_diverged_and_invalid_jobs_are_not_requeued(single_task_runs, name, code, message):
+    record, log = single_task_runs[name]
     assert [(r["requeued"], r["returncode"]) for r in record["runs"]] == [(False, code)], log[-3000:]
     assert record["state"] == "FAILED" and message in log and "requeued job" not in log
     assert {"diverged": "1 consecutive updates skipped", "invalid": "global_batch_size"}[name] in log
