@@ -87,6 +87,33 @@ class StopRequest:
         return "running"
 
 
+def start_checkpoint_writer() -> None:
+    """Start Megatron's checkpoint-writer helper now, deaf to the stop signals.
+
+    dist-checkpointing's first save spawns a helper process (a multiprocessing Manager holding
+    the write-results queue, kept for the life of the process) that every later save talks to.
+    SLURM signals every process of a job step, children included (``--signal=USR2@lead``,
+    ``scancel --signal=...``): a helper spawned with default dispositions dies of that SIGUSR2
+    or SIGTERM, and the very save the signal asks for then fails (EOFError), exit 1 instead of
+    75. Spawned here with the stop signals ignored (inherited through exec) and blocked (so one
+    that arrives meanwhile waits for the trainer's handler instead of being lost). The same
+    for multiprocessing's resource tracker, which the spawn starts if it is not running."""
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in STOP_SIGNALS}
+    try:
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # starting the tracker unblocks SIGINT/SIGTERM
+        filesystem_async.get_write_results_queue()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def die_with_launcher() -> None:
     """Under torchrun, have the kernel kill this worker when the launcher process dies.
 

@@ -44,7 +44,7 @@ from megatron_gpas.metrics import MetricsWriter, Stopwatch, format_duration, per
 from megatron_gpas.model.builder import build_model_chunks, schedule_config, transformer_config
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.optim import MUON, StepResult, build_optimizer, clipped_step, gather_routing, lr_schedule, routing_summary
-from megatron_gpas.preemption import StopRequest, die_with_launcher
+from megatron_gpas.preemption import StopRequest, die_with_launcher, start_checkpoint_writer
 from megatron_gpas.tokenizer import tokenizer_from_config
 from megatron_gpas.validation import validate
 
@@ -183,6 +183,8 @@ class Trainer:
         self.summary: dict | None = None
         die_with_launcher()
         self.stop.install()  # a stop signal during set-up is acted on at the first step boundary
+        if cfg.checkpoint.save:
+            start_checkpoint_writer()  # a helper process that SLURM's signals must not kill
         try:
             self.device = distributed.init_distributed(cfg)
         except BaseException:
@@ -602,7 +604,13 @@ class Trainer:
                 print("[warn] checkpoint.save is not set: the progress of this run is lost", flush=True)
             return self._finish(exit_codes.FAILED, f"{why}; no checkpoint (checkpoint.save is not set)",
                                 {"stopped_early": True})
-        self.save_checkpoint()  # a no-op when this step's checkpoint exists (just saved, or resumed from)
+        if self.step == 0:
+            # nothing trained yet: nothing to keep (a step-0 checkpoint has no optimizer state, so
+            # the next start could not resume from it); the next start begins where this one did
+            if self.rank0:
+                print("[checkpoint] stopped before the first step: nothing to save", flush=True)
+        else:
+            self.save_checkpoint()  # a no-op when this step's checkpoint exists (just saved, or resumed from)
         return self._finish(exit_codes.REQUEUE, why, {"stopped_early": True})
 
     def _finish(self, exit_code: int, outcome: str, extra: dict) -> dict:

@@ -101,8 +101,9 @@ def test_slurm_script_matches_a_single_run(mode, sp_tokenizer, tmp_path):
         env.update(PATH=f"{REPO_ROOT / 'tests' / 'slurm_emulator'}{os.pathsep}{env['PATH']}",
                    SBATCH_LOG=str(sbatch_log))
     stage = ["submit"] if mode == "submit" else []
+    # (in tmp_path: the emulator writes each job's log where SLURM would, in the submit directory)
     proc = subprocess.run(["bash", str(REPO_ROOT / "slurm" / "preprocess.sbatch"), *stage],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if mode == "local":
         assert "running 2 tasks over 3 files" in proc.stdout
@@ -111,6 +112,9 @@ def test_slurm_script_matches_a_single_run(mode, sp_tokenizer, tmp_path):
         array, merge = [json.loads(line) for line in sbatch_log.read_text().splitlines()]
         assert (array["array"], array["returncodes"]) == ([0, 1], [0, 0])
         assert (merge["opts"]["dependency"], merge["returncodes"]) == ("afterok:1000", [0])
+        # each array task's log as #SBATCH --output=%x-%A_%a.out names it
+        assert sorted(p.name for p in tmp_path.glob("preprocess*.out")) == [
+            "preprocess-1000_0.out", "preprocess-1000_1.out", "preprocess-merge-1001_4294967294.out"]
     shards = sorted(p.name for p in (tmp_path / "out" / "shards").glob("*.idx"))
     assert shards == ["corpus_00000.idx", "corpus_00001.idx", "corpus_00002.idx"]
 
