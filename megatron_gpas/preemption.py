@@ -5,6 +5,10 @@ SIGTERM on preemption); a user presses Ctrl-C. The handler only sets a flag: the
 finishes, every rank agrees on the flag at the step boundary (one small all-reduce, so no rank
 stops alone while the others wait in a collective), then the trainer saves and exits with
 ``exit_codes.REQUEUE``. A second Ctrl-C aborts at once (KeyboardInterrupt).
+
+The entry points call ``catch_early()`` first, so a stop signal that arrives during imports and
+set-up, before the trainer's handler exists, is kept for it rather than killing the process.
+Light on imports for that reason: torch is imported where it is used.
 """
 
 from __future__ import annotations
@@ -15,14 +19,36 @@ import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # agreed stop reasons, in the order they win when ranks disagree (all-reduce MAX)
 NO_STOP, TIME_BUDGET, SIGNALLED = 0, 1, 2
+
+_early_signal: int | None = None  # a stop signal received before the trainer's handler existed
+
+
+def catch_early() -> dict:
+    """Keep SIGTERM/SIGUSR1/SIGUSR2 for the trainer from now on (their default action kills the
+    process, e.g. when SLURM's warning lands while the job is still importing or building the
+    model); the trainer acts on them at its first step boundary. Ctrl-C still aborts set-up.
+    Returns the previous handlers, for ``release_early``."""
+    def remember(signum, frame):
+        global _early_signal
+        if _early_signal is None:
+            _early_signal = signum
+            print(f"[signal] {signal.Signals(signum).name} received while starting: the run stops at its first "
+                  "step boundary", file=sys.stderr, flush=True)
+
+    return {signum: signal.signal(signum, remember) for signum in STOP_SIGNALS if signum != signal.SIGINT}
+
+
+def release_early(previous: dict) -> None:
+    """Undo ``catch_early`` (an entry point called in-process, e.g. by tests, leaves no trace)."""
+    global _early_signal
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    _early_signal = None
 
 
 class StopRequest:
@@ -43,6 +69,8 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        if self.signal is None:
+            self.signal = _early_signal
         return self
 
     def restore(self) -> None:
@@ -67,10 +95,13 @@ class StopRequest:
         """Whether another step and then a save would overrun the budget."""
         return bool(self.budget_s) and self.elapsed() + next_step_s + save_s > self.budget_s
 
-    def agreed(self, device: torch.device, next_step_s: float = 0.0, save_s: float = 0.0) -> int:
+    def agreed(self, device, next_step_s: float = 0.0, save_s: float = 0.0) -> int:
         """NO_STOP, TIME_BUDGET or SIGNALLED, the same on every rank (a collective: call it at the
         same point on all ranks). The time check is local and the MAX makes it common, so ranks
         whose clocks straddle the deadline still agree."""
+        import torch
+        import torch.distributed as dist
+
         local = SIGNALLED if self.signal is not None else (
             TIME_BUDGET if self.out_of_time(next_step_s, save_s) else NO_STOP)
         if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -20,7 +20,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
-from megatron_gpas import console, exit_codes
+from megatron_gpas import console, exit_codes, preemption
 from megatron_gpas.checkpoint_paths import CheckpointError
 from megatron_gpas.config import (Config, ConfigError, config_from_tree, config_yaml, data_parallel_size, load_config,
                                   load_tree, world_size_from_env)
@@ -42,6 +42,14 @@ def run_cli(argv: list[str] | None, prog: str, description: str, overrides_examp
     """The command line shared by pretraining and fine-tuning: ``--config FILE`` plus dotted
     overrides; ``plan(config_path, overrides)`` resolves the config. Returns the exit code
     (exit_codes): bad input exits with 2 before any training starts."""
+    early = preemption.catch_early()  # a stop signal during start-up is kept for the trainer
+    try:
+        return _run_cli(argv, prog, description, overrides_example, plan)
+    finally:
+        preemption.release_early(early)
+
+
+def _run_cli(argv, prog, description, overrides_example, plan) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")

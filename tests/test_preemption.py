@@ -266,3 +266,17 @@ def test_loss_spike_guard_skips_and_is_counted():
     assert (guard.total, guard.consecutive) == (2, 2)
     assert guard.halt_message(8, "loss spike") is not None
     assert guard.veto(float("nan")).startswith("non-finite loss")
+
+
+def test_a_signal_during_start_up_stops_at_the_first_boundary(ws):
+    """SIGUSR2 while the process is still importing: not killed by the default action; it stops
+    before its first step with nothing to save (a step-0 checkpoint could not be resumed)."""
+    run_dir = ws / "runs" / "early"
+    log = ws / "early.log"
+    proc = _start(1, _overrides(ws, "early"), log)
+    time.sleep(1.0)  # well inside the imports (several seconds)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=240) == REQUEUE, log.read_text()[-3000:]
+    output = log.read_text()
+    assert "SIGUSR2 received while starting" in output and "stopped before the first step: nothing to save" in output
+    assert _logged_step(run_dir) == 0 and not (run_dir / "ckpt" / "latest").exists()
