@@ -30,7 +30,6 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 import heapq
 import io
 import json
@@ -47,9 +46,10 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPCheckpoin
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 
 from megatron_gpas.checkpoint_paths import METADATA_JSON, CheckpointError, is_complete
+from megatron_gpas.hashing import sha256_of
 
 MANIFEST = "checksums.json"
-HASH_ALGORITHM = "sha256"  # hardware-accelerated (SHA-NI, ARMv8 SHA2): >1 GB/s per core
+HASH_ALGORITHM = "sha256"  # (hashing.sha256_of) hardware-accelerated (SHA-NI, ARMv8 SHA2): >1 GB/s per core
 MANIFEST_FORMAT = 1
 DCP_METADATA = ".metadata"
 DATA_SUFFIX = ".distcp"  # DCP's tensor/object data files
@@ -228,18 +228,13 @@ def list_files(path: str) -> dict[str, int]:
     return dict(sorted(files.items()))
 
 
-def hash_file(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, HASH_ALGORITHM).hexdigest()
-
-
 def hash_files(root: str, names: Iterable[str]) -> dict[str, str]:
     """SHA-256 of each file, several at a time (hashlib releases the GIL while hashing)."""
     names = list(names)
     if not names:
         return {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-        return dict(zip(names, pool.map(lambda name: hash_file(os.path.join(root, name)), names)))
+        return dict(zip(names, pool.map(lambda name: sha256_of(os.path.join(root, name)), names)))
 
 
 def my_share(sizes: dict[str, int], rank: int, world: int) -> list[str]:

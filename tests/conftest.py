@@ -11,3 +11,13 @@ def workspace(tmp_path_factory, request) -> Path:
     ws = tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
     (ws / "data").mkdir()
     return ws
+
+
+@pytest.fixture(scope="module")
+def parallel_state_released():
+    """Megatron's groups torn down when the module ends (modules that build Trainers in-process
+    use it through ``pytest.mark.usefixtures``); the default process group is kept."""
+    yield
+    from process_groups import release_parallel_state
+
+    release_parallel_state()

@@ -37,7 +37,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.utils import unwrap_model
 
@@ -48,9 +47,11 @@ from megatron_gpas.config import ConfigError, load_config
 from megatron_gpas.finetune import build_trainer, load_finetune_config
 from megatron_gpas.training import Trainer
 from megatron_gpas.validation import validate
+from process_groups import release_parallel_state
 from synthetic import write_synthetic_dataset
 
 pytestmark = [
+    pytest.mark.usefixtures("parallel_state_released"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -69,17 +70,6 @@ def _load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def release_parallel_state() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        distributed.shutdown(keep_process_group=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _teardown_parallel_state():
-    yield
-    release_parallel_state()
 
 
 def overrides(ws: Path, run: str, *extra: str) -> list[str]:

@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 
-from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from megatron_gpas import distributed, finetune
@@ -35,9 +34,11 @@ from megatron_gpas.data.instruct import InstructDataError, build_instruct_datase
 from megatron_gpas.finetune import build_trainer, load_finetune_config
 from megatron_gpas.tokenizer import load_tokenizer
 from megatron_gpas.training import Trainer
+from process_groups import release_parallel_state
 from synthetic import write_integer_tokenizer, write_synthetic_dataset
 
 pytestmark = [
+    pytest.mark.usefixtures("parallel_state_released"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -267,17 +268,6 @@ def test_pretraining_refuses_a_fine_tuning_config(tmp_path, monkeypatch):
 
 
 # =========================================================================== training
-
-
-def release_parallel_state() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        distributed.shutdown(keep_process_group=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _teardown_parallel_state():
-    yield
-    distributed.shutdown(keep_process_group=True)
 
 
 def params(trainer: Trainer) -> dict[str, torch.nn.Parameter]:

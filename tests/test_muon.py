@@ -30,7 +30,6 @@ import torch
 
 import parallel_worker
 from megatron.core.utils import unwrap_model
-from megatron_gpas import distributed
 from megatron_gpas.checkpoint import CheckpointError
 from megatron_gpas.config import ConfigError, load_config
 from megatron_gpas.validation import validate
@@ -42,6 +41,7 @@ from test_parallel import _close, _launch
 from test_parallel_schemes import _merge_checksums
 
 pytestmark = [
+    pytest.mark.usefixtures("parallel_state_released"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:Please use DTensor instead:FutureWarning"),  # dist-checkpointing's save
@@ -117,12 +117,6 @@ def _cosine_lr(peak: float, step: int) -> float:
     train.steps, no warmup (Megatron's OptimizerParamScheduler, stated independently)."""
     low = peak * MIN_LR_RATIO
     return low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (step - 1) / STEPS))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _teardown_parallel_state():
-    yield
-    distributed.shutdown(keep_process_group=True)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ use a single-process Trainer on the synthetic dataset of tests/synthetic.py.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -35,11 +34,13 @@ from megatron_gpas.config import ConfigError, load_config, save_config
 from megatron_gpas.validation import validate
 from megatron_gpas.model.gpas import GPASGate, is_gate
 from megatron_gpas.training import Trainer
+from process_groups import release_parallel_state
 from synthetic import write_synthetic_dataset
 from test_model_reference import BASE_OVERRIDES, build, inputs, make_cfg
 from test_schemes_reference import perturb
 
 pytestmark = [
+    pytest.mark.usefixtures("parallel_state_released"),
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
@@ -51,12 +52,6 @@ ZERO_GATES = [(0.0, 0.0)] * NUM_LAYERS
 # --------------------------------------------------------------------------- environment
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _teardown_parallel_state():
-    yield
-    distributed.shutdown(keep_process_group=True)
-
-
 @pytest.fixture
 def mp():
     """Megatron's parallel state (world of 1) for building models; Trainer tests tear it
@@ -64,11 +59,6 @@ def mp():
     if not parallel_state.model_parallel_is_initialized():
         distributed.init_distributed(load_config(None, BASE_OVERRIDES))
     yield
-
-
-def release_parallel_state() -> None:
-    if parallel_state.model_parallel_is_initialized():
-        distributed.shutdown(keep_process_group=True)
 
 
 def forward_backward(model, seed: int = 7):

@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 
 from megatron_gpas.config import ConfigError
 from megatron_gpas.model.norms import BoundedTanh, RMSNorm
-from megatron_gpas.model.schemes.base import NORM_POSITIONS, PRE_NORM_GATE_SLOTS, ExportPlan, Scheme, pre_norm
+from megatron_gpas.model.schemes.base import NORM_POSITIONS, ExportPlan, Scheme, pre_norm
 
 
 @dataclasses.dataclass
