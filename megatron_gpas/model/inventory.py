@@ -20,6 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_gpas.config import Config, padded_vocab_size
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
+from megatron_gpas.optim import MUON, optimizer_route
 
 
 @dataclass
@@ -30,6 +31,8 @@ class StageCount:
     per_rank: int  # what one tensor-parallel rank of the stage holds
     embedding: bool  # holds the input embedding
     head: bool  # holds the final norm and the LM head
+    per_rank_muon: int = 0  # of per_rank: the trainable parameters optim.optimizer=muon routes to Muon
+    per_rank_trainable: int = 0  # of per_rank: the ones any optimizer updates (gpas.freeze leaves gates out)
 
 
 @dataclass
@@ -77,13 +80,17 @@ def count_parameters(cfg: Config) -> ParameterCount:
         finally:
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
-        whole = per_rank = 0
+        whole = per_rank = muon = trainable = 0
         for chunk in chunks:
             for name, param in chunk.named_parameters():
                 # a tensor-parallel weight is split over the TP ranks; the others are replicated
                 n = param.numel() * (tp if getattr(param, "tensor_model_parallel", False) else 1)
                 whole += n
                 per_rank += param.numel()
+                if param.requires_grad:
+                    trainable += param.numel()
+                    # the routing rule of optim.py (Megatron's own), for the planner's Muon state
+                    muon += param.numel() if optimizer_route(param) == MUON else 0
                 if name.startswith("embedding."):
                     embedding += n
                 elif name.startswith("output_layer."):
@@ -91,7 +98,7 @@ def count_parameters(cfg: Config) -> ParameterCount:
         stages.append(StageCount(
             stage=stage,
             layers=[r for chunk in chunks for r in _ranges([layer.layer_number for layer in chunk.decoder.layers])],
-            parameters=whole, per_rank=per_rank,
+            parameters=whole, per_rank=per_rank, per_rank_muon=muon, per_rank_trainable=trainable,
             embedding=any(chunk.pre_process for chunk in chunks), head=any(chunk.post_process for chunk in chunks),
         ))
     return ParameterCount(total=sum(s.parameters for s in stages), embedding=embedding, head=head, stages=stages)

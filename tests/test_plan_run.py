@@ -1,0 +1,205 @@
+"""tools/plan_run.py and megatron_gpas/planner.py: exact counts against built models, the memory
+formula against a hand computation, the layout search, the CLI end to end.
+
+Measured peak memory can only be compared on a GPU (tools/gpu_check.py); here the estimate is
+checked against the formula written out by hand, not against a measurement."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_gpas import planner
+from megatron_gpas.config import load_config
+from megatron_gpas.metrics import flops_per_token
+from megatron_gpas.model.builder import build_model_chunks, transformer_config
+from megatron_gpas.model.inventory import count_parameters
+from megatron_gpas.validation import validate
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.preset=tiny", "train.seq_length=128"]
+
+
+def built_parameter_count(cfg) -> int:
+    """Parameters of the model really built on CPU (one process, TP = PP = 1)."""
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
+        model_config = transformer_config(cfg, bf16=False, on_cpu=True)
+        model_config.perform_initialization = False  # the shapes are what is counted, not the values
+        chunks = build_model_chunks(cfg, model_config)
+        return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["norm.scheme=pre", "gpas.enabled=true"],
+    ["norm.scheme=deepnorm"],
+    ["norm.scheme=sandwich", "gpas.enabled=true", "gpas.per_sublayer=true"],
+    ["norm.scheme=mixln", "model.preset=71m", "model.num_layers=4"],
+])
+def test_counts_equal_the_built_model(overrides):
+    cfg = load_config(None, TINY + overrides)
+    assert count_parameters(cfg).total == built_parameter_count(cfg)
+
+
+def test_llama3_8b_count_and_flops():
+    cfg = load_config(REPO / "examples/llama3_8b_pre_gpas.yaml", ["gpas.enabled=false", "parallel.pipeline=2"])
+    count = count_parameters(cfg)
+    assert count.total == 8_030_261_248  # Meta's count
+    assert sum(s.parameters for s in count.stages) == count.total
+    assert planner.legacy_flops_per_token(count.total) == 6 * 8_030_261_248
+
+
+def test_memory_formula_against_a_hand_computation():
+    """TP=2 + SP, PP=2, DP=2 (8 GPUs), Adam BF16 with the distributed optimizer, local backend."""
+    L, h, a, g, f, V, s, b = 4, 64, 4, 2, 172, 32000, 128, 2
+    cfg = load_config(None, [f"model.num_layers={L}", f"model.hidden_size={h}", f"model.num_attention_heads={a}",
+                             f"model.num_query_groups={g}", f"model.ffn_hidden_size={f}", f"model.vocab_size={V}",
+                             f"train.seq_length={s}", f"train.micro_batch_size={b}", "train.global_batch_size=16",
+                             "parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
+                             "parallel.distributed_optimizer=true"])
+    t, dp, d = 2, 2, h // a
+    # parameters of one TP rank: matrices split in two, RMSNorm weights whole; vocabulary 32000 = 125 × 256
+    layer = (h * (a + 2 * g) * d + a * d * h + 3 * h * f) // t + 2 * h
+    stage0_params = V * h // t + 2 * layer
+    stage1_params = 2 * layer + h + V * h // t
+    # per layer and micro-batch: norm/attention/MLP inputs 8sbh (/t: SP), Q and attention output
+    # 2sb·(a·d) each, K and V 2sb·(g·d) each, fc1 output 2sb·2f, SwiGLU output 2sbf, scores 2as²b
+    per_layer = (8 * s * b * h / t + (2 * s * b * a * d * 2 + 2 * s * b * g * d * 2 + 2 * s * b * 2 * f
+                                      + 2 * s * b * f + 2 * a * s * s * b) / t)
+    microbatches = 16 // (b * dp)  # 4 ≥ PP: stage 0 holds 2 micro-batches of its 2 layers, stage 1 one
+    stage0_acts = 2 * 2 * per_layer
+    stage1_acts = 1 * 2 * per_layer + 2 * (2 * s * b * h) / t + s * b * V * (2 + 4) / t
+    assert microbatches == 4
+
+    stages = planner.memory_per_gpu(cfg, count_parameters(cfg), world_size=8)
+    for got, n, acts in zip(stages, (stage0_params, stage1_params), (stage0_acts, stage1_acts)):
+        assert got.parameters == n
+        assert got.weights == 2 * n and got.gradients == 4 * n
+        assert got.optimizer == 12 * n / dp  # fp32 master + two moments, sharded over DP
+        assert got.activations == pytest.approx(acts, rel=1e-12)
+
+    # selective recompute: the s² term goes; full: 2sbh/t per layer remains
+    sel = planner.memory_per_gpu(cfg, count_parameters(cfg), world_size=8, recompute="selective")[0]
+    assert sel.activations == pytest.approx(stage0_acts - 4 * 2 * a * s * s * b / t)
+    full = planner.memory_per_gpu(cfg, count_parameters(cfg), world_size=8, recompute="full")[0]
+    assert full.activations == pytest.approx(4 * 2 * s * b * h / t)
+
+    # Muon (no distributed optimizer): 4 B momentum for the 2-D matrices, 8 B Adam moments for the rest,
+    # fp32 master weights for all; the embedding goes to Adam
+    muon_cfg = load_config(None, [o for o in cfg_overrides(cfg) if "distributed_optimizer" not in o]
+                           + ["optim.optimizer=muon"])
+    m0 = planner.memory_per_gpu(muon_cfg, count_parameters(muon_cfg), world_size=8)[0]
+    matrices = 2 * (layer - 2 * h)
+    assert m0.optimizer == 4 * matrices + 8 * (stage0_params - matrices) + 4 * stage0_params
+
+
+def cfg_overrides(cfg) -> list[str]:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    return [f"model.num_layers={m.num_layers}", f"model.hidden_size={m.hidden_size}",
+            f"model.num_attention_heads={m.num_attention_heads}", f"model.num_query_groups={m.num_query_groups}",
+            f"model.ffn_hidden_size={m.ffn_hidden_size}", f"model.vocab_size={m.vocab_size}",
+            f"train.seq_length={t.seq_length}", f"train.micro_batch_size={t.micro_batch_size}",
+            f"train.global_batch_size={t.global_batch_size}", f"parallel.tensor={p.tensor}",
+            f"parallel.pipeline={p.pipeline}", f"parallel.sequence_parallel={p.sequence_parallel}",
+            f"parallel.distributed_optimizer={p.distributed_optimizer}"]
+
+
+def test_search_keeps_valid_fitting_layouts_and_ranks_no_bubble_first():
+    cfg = load_config(None, TINY + ["train.global_batch_size=8"])
+    peak = planner.peak_flops_of("H100")
+    everything = planner.search(cfg, 4, planner.parse_memory("1TB"), peak, reserve_gib=0)
+    memory = planner.parse_memory("0.06GB")  # 55 MiB usable: the tiny model fits only some layouts
+    budget = planner.usable_bytes(memory, reserve_gib=0)
+    layouts = planner.search(cfg, 4, memory, peak, reserve_gib=0)
+    assert 0 < len(layouts) < len(everything)
+    for l in layouts:
+        c = planner.with_layout(cfg, l.tensor, l.pipeline, l.micro_batch, l.sequence_parallel, l.distributed_optimizer)
+        validate(c, world_size=4, check_files=False, require_data=False)
+        stages = planner.memory_per_gpu(c, count_parameters(c), world_size=4, recompute=l.recompute)
+        assert max(s.total for s in stages) <= budget
+        assert l.tensor * l.pipeline * l.data == 4
+    speeds = [l.tokens_per_s for l in layouts]
+    assert speeds == sorted(speeds, reverse=True)
+
+    # with ample memory: pure DP (no bubble) beats PP=2 at the same micro-batch and optimizer
+    def find(tp, pp, mb):
+        return next(l for l in everything if (l.tensor, l.pipeline, l.micro_batch, l.distributed_optimizer)
+                    == (tp, pp, mb, False))
+    dp4, pp2 = find(1, 1, 1), find(1, 2, 1)
+    assert everything.index(dp4) < everything.index(pp2)
+    assert pp2.efficiencies["pipeline"] == pytest.approx(4 / (4 + 1))  # m = 8/(1·2) = 4, bubble (p−1)/(m+p−1)
+    assert dp4.efficiencies["pipeline"] == 1.0
+
+
+def test_search_takes_the_cheapest_recompute_that_fits():
+    """One GPU, 51 MiB: micro-batch 2 fits as it is, 4 only without the s² scores (selective),
+    8 only with full recomputation (a small vocabulary, so that the logits do not dominate)."""
+    cfg = load_config(None, ["model.preset=tiny", "model.vocab_size=512", "train.seq_length=512",
+                             "train.global_batch_size=8"])
+    layouts = planner.search(cfg, 1, planner.parse_memory("0.05GB"), 1e15, reserve_gib=0)
+    by_mb = {l.micro_batch: l for l in layouts}
+    assert len(by_mb) == len(layouts)  # DP = 1: no distributed-optimizer twin
+    assert {mb: l.recompute for mb, l in by_mb.items()} == {1: "none", 2: "none", 4: "selective", 8: "full"}
+    assert by_mb[8].note == "would need recompute=full" and by_mb[2].note == ""
+    assert by_mb[8] is layouts[-1]  # full recomputation costs a third: last
+
+
+def test_bad_inputs_give_clear_errors():
+    for text in ("80XB", "-5GB", "", "GB"):
+        with pytest.raises(planner.ConfigError, match="--gpu-mem"):
+            planner.parse_memory(text)
+    assert planner.parse_memory("80GB") == planner.parse_memory("80GiB") == 80 * 2**30
+    with pytest.raises(planner.ConfigError, match="unknown GPU"):
+        planner.peak_flops_of("Z80")
+    cfg = load_config(None, TINY + ["train.global_batch_size=8"])
+    with pytest.raises(planner.ConfigError, match="no TP x PP x DP x micro-batch layout of 3 GPUs"):
+        planner.search(cfg, 3, planner.parse_memory("80GB"), 1e15)
+
+
+def run_tool(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / "tools/plan_run.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_cli_end_to_end_with_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = run_tool(str(REPO / "examples/llama3_8b_pre_gpas.yaml"), "gpas.enabled=false", "--gpus", "8",
+                    "--gpu-mem", "80GB", "--top", "5", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    plan = json.loads(out.read_text())
+    assert plan["parameters"]["total"] == 8_030_261_248
+    cfg = load_config(REPO / "examples/llama3_8b_pre_gpas.yaml", ["gpas.enabled=false"])
+    assert plan["flops_per_token"] == {"megatron": flops_per_token(cfg), "legacy_6n": 6.0 * 8_030_261_248}
+    assert plan["layouts"] and all(l["memory_gib"] <= plan["usable_gib"] for l in plan["layouts"])
+    assert "Megatron formula" in proc.stdout and "legacy 6N" in proc.stdout and "Assumptions" in proc.stdout
+    assert "best as overrides: parallel.tensor=" in proc.stdout
+    # the config's own layout (TP=2 + SP, DP=4, distributed optimizer) with each recompute level
+    assert set(plan["config_layout"]) == {"none", "selective", "full"}
+
+    bad = run_tool(str(REPO / "examples/llama3_8b_pre_gpas.yaml"), "--gpu-mem", "80 bananas")
+    assert bad.returncode == 2 and "--gpu-mem: expected a positive size" in bad.stderr
+    bad = run_tool(str(REPO / "examples/llama3_8b_pre_gpas.yaml"), "--gpus", "0")
+    assert bad.returncode == 2 and "--gpus must be a positive number" in bad.stderr
+
+
+def test_transformer_engine_layouts_are_planned_without_transformer_engine():
+    """backend=te keeps no s² scores (fused attention); the plan needs no TE on the planning machine."""
+    local = load_config(None, TINY + ["train.global_batch_size=8"])
+    te = load_config(None, TINY + ["train.global_batch_size=8", "model.backend=te"])
+    assert planner.activation_bytes_per_layer(te, 2) == planner.activation_bytes_per_layer(local, 2, "selective")
+    assert planner.activation_bytes_per_layer(te, 2) < planner.activation_bytes_per_layer(local, 2)
+    assert len(planner.search(te, 4, planner.parse_memory("80GB"), 1e15)) == \
+        len(planner.search(local, 4, planner.parse_memory("80GB"), 1e15))
