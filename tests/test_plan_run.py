@@ -18,39 +18,63 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_gpas import planner
-from megatron_gpas.config import load_config
+from megatron_gpas.config import PRESETS, load_config
 from megatron_gpas.metrics import flops_per_token
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
 from megatron_gpas.model.inventory import count_parameters
+from megatron_gpas.model.schemes import SCHEMES
 from megatron_gpas.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model.preset=tiny", "train.seq_length=128"]
 
 
-def built_parameter_count(cfg) -> int:
-    """Parameters of the model really built on CPU (one process, TP = PP = 1)."""
+def built_model_counts(cfg) -> tuple[int, int]:
+    """(parameters, of which Muon's) of the model really built on CPU (one process, TP = PP = 1),
+    the Muon share by optim.py's routing of the built model's parameters."""
+    from megatron_gpas.optim import MUON, optimizer_routing
+
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29581", rank=0, world_size=1)
     try:
         parallel_state.initialize_model_parallel(1, 1, create_gloo_process_groups=False)
         model_config = transformer_config(cfg, bf16=False, on_cpu=True)
         model_config.perform_initialization = False  # the shapes are what is counted, not the values
         chunks = build_model_chunks(cfg, model_config)
-        return sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        total = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+        routes = optimizer_routing(chunks)
+        numel = {name: p.numel() for chunk in chunks for name, p in chunk.named_parameters()}
+        muon = sum(numel[name] for name, route in routes.items() if route == MUON)
+        return total, muon
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("overrides", [
-    ["norm.scheme=pre", "gpas.enabled=true"],
-    ["norm.scheme=deepnorm"],
-    ["norm.scheme=sandwich", "gpas.enabled=true", "gpas.per_sublayer=true"],
-    ["norm.scheme=mixln", "model.preset=71m", "model.num_layers=4"],
-])
-def test_counts_equal_the_built_model(overrides):
-    cfg = load_config(None, TINY + overrides)
-    assert count_parameters(cfg).total == built_parameter_count(cfg)
+SCHEME_OVERRIDES = {"dyt": ["norm.options.alpha0=[1.0, 1.0, 1.0]"]}
+
+
+@pytest.mark.parametrize("gpas", [False, True])
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_counts_equal_the_built_model(scheme, gpas):
+    cfg = load_config(None, TINY + [f"norm.scheme={scheme}", f"gpas.enabled={gpas}"] + SCHEME_OVERRIDES.get(scheme, []))
+    count = count_parameters(cfg)
+    total, muon = built_model_counts(cfg)
+    assert count.total == total
+    assert count.stages[0].per_rank_muon == muon > 0  # the planner's Muon state is sized on these
+
+
+def test_presets_count_their_closed_form():
+    """Presets too large to build for real here: the meta-device count against the closed form of
+    a Llama (embedding and head untied, per layer QKV, output, SwiGLU and two norms, final norm)."""
+    for preset in PRESETS:
+        cfg = load_config(None, [f"model.preset={preset}"])
+        m = cfg.model
+        d = m.kv_channels or m.hidden_size // m.num_attention_heads
+        g = m.num_query_groups or m.num_attention_heads
+        h, a, f = m.hidden_size, m.num_attention_heads, m.ffn_hidden_size
+        vocab = -(-m.vocab_size // 128) * 128
+        layer = h * (a + 2 * g) * d + a * d * h + 3 * h * f + 2 * h
+        assert count_parameters(cfg).total == 2 * vocab * h + m.num_layers * layer + h, preset
 
 
 def test_llama3_8b_count_and_flops():

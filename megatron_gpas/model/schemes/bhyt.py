@@ -125,6 +125,8 @@ class BHyT(Scheme):
         return self.options(cfg.norm).refresh_interval or max(1, min(1000, cfg.train.steps // 50))
 
     def refresh(self, layer, cfg) -> None:
+        if layer.self_attention.linear_qkv.weight.is_meta:
+            return  # a shapes-only build (model/inventory.py: --dry-run, the planner): no values to read
         c_attn = value_output_gain(layer) / (self.seq_length(cfg) * layer.config.hidden_size)
         layer.pre_mlp_layernorm.c_attn.copy_(c_attn)
 
