@@ -34,6 +34,7 @@ Per-GPU memory (bytes), P = the parameters one GPU holds (its pipeline stage, it
     Selective recomputation drops the s² term; full recomputation keeps only each layer's
     input, 2·sbh (/t with SP). The last stage adds the final norm and LM head inputs (2·sbh
     each, /t with SP) and the logits, s·b·V/t in BF16 plus fp32 for the cross entropy (6 bytes).
+    FP32 runs store 4-byte activations: twice all of this (logits: 8 bytes).
     In-flight micro-batches (1F1B): pipeline rank i holds min(p − i, m) micro-batches' worth;
     interleaved with v chunks, Megatron's warm-up 2·(p − i − 1) + (v − 1)·p + 1 chunks (rank 0:
     L·(1 + (p − 1)/(p·v)) layers, the paper's factor).
@@ -104,15 +105,16 @@ def activation_bytes_per_layer(cfg: Config, micro_batch: int, recompute: str = "
     m, p = cfg.model, cfg.parallel
     s, b, h, t = cfg.train.seq_length, micro_batch, m.hidden_size, p.tensor
     sp = p.sequence_parallel and t > 1
+    width = 1 if bf16_run(cfg) else 2  # the formula counts 2-byte activations; FP32 runs store 4
     if recompute == "full":
-        return 2 * s * b * h / (t if sp else 1)
+        return width * 2 * s * b * h / (t if sp else 1)
     d = head_dim(m)
     q, kv = m.num_attention_heads * d, (m.num_query_groups or m.num_attention_heads) * d
     replicated = 8 * s * b * h
     split = s * b * (4 * q + 4 * kv + 6 * m.ffn_hidden_size)
     if recompute == "none" and m.backend != "te":
         split += 2 * m.num_attention_heads * s * s * b
-    return (replicated / (t if sp else 1)) + split / t
+    return width * ((replicated / (t if sp else 1)) + split / t)
 
 
 def last_stage_extra_bytes(cfg: Config, micro_batch: int) -> float:
@@ -120,7 +122,8 @@ def last_stage_extra_bytes(cfg: Config, micro_batch: int) -> float:
     m, p = cfg.model, cfg.parallel
     s, b, h, t = cfg.train.seq_length, micro_batch, m.hidden_size, p.tensor
     sp = p.sequence_parallel and t > 1
-    return 4 * s * b * h / (t if sp else 1) + 6 * s * b * padded_vocab_size(m, t) / t
+    width = 1 if bf16_run(cfg) else 2
+    return width * 4 * s * b * h / (t if sp else 1) + (6 if bf16_run(cfg) else 8) * s * b * padded_vocab_size(m, t) / t
 
 
 def in_flight_chunks(pipeline: int, virtual: int, rank: int, microbatches: int) -> int:

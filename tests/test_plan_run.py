@@ -129,6 +129,24 @@ def test_memory_formula_against_a_hand_computation():
     assert m0.optimizer == 4 * matrices + 8 * (stage0_params - matrices) + 4 * stage0_params
 
 
+def test_fp32_runs_double_weights_and_activations():
+    bf16 = load_config(None, TINY)
+    fp32 = load_config(None, TINY + ["train.precision=fp32"])
+    assert planner.activation_bytes_per_layer(fp32, 2) == 2 * planner.activation_bytes_per_layer(bf16, 2)
+    a, b = (planner.memory_per_gpu(c, count_parameters(c), world_size=1)[0] for c in (bf16, fp32))
+    assert b.weights == 2 * a.weights and b.gradients == a.gradients
+    assert b.optimizer == 8 * b.parameters and a.optimizer == 12 * a.parameters  # no master copy in FP32
+
+
+def test_in_flight_micro_batches():
+    # 1F1B: rank i holds p − i micro-batches, or all m when fewer
+    assert [planner.in_flight_chunks(4, 1, i, 8) for i in range(4)] == [4, 3, 2, 1]
+    assert planner.in_flight_chunks(4, 1, 0, 2) == 2
+    # interleaved, v = 2: rank 0 holds L·(1 + (p − 1)/(p·v)) layers (Korthikanti et al.), a chunk being L/(p·v)
+    p, v = 4, 2
+    assert planner.in_flight_chunks(p, v, 0, 8) / (p * v) == 1 + (p - 1) / (p * v)
+
+
 def cfg_overrides(cfg) -> list[str]:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     return [f"model.num_layers={m.num_layers}", f"model.hidden_size={m.hidden_size}",

@@ -33,7 +33,7 @@ ASSUMPTIONS = [
     "activations/layer/micro-batch (Korthikanti 2022, adapted to SwiGLU+GQA, no dropout): "
     "8sbh (/t with SP) + sb(4q+4kv+6f)/t + 2as^2b/t (local backend only; te = flash: 0); "
     "selective recompute drops the s^2 term, full keeps 2sbh (/t with SP)",
-    "last stage: + 4sbh (/t with SP) + 6sbV/t (logits BF16 + fp32 cross entropy)",
+    "last stage: + 4sbh (/t with SP) + 6sbV/t (logits BF16 + fp32 cross entropy); FP32 runs: activations x2",
     "pipeline: rank i holds min(p-i, m) micro-batches (1F1B); interleaved: Megatron's warm-up count",
     f"fits: peak stage <= GPU memory x (1 - {planner.MARGIN}) - reserve ({planner.RESERVE_GIB} GiB by default) "
     "(CUDA context, workspaces, fragmentation not modelled)",
