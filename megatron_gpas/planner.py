@@ -299,7 +299,7 @@ def search(cfg: Config, world_size: int, gpu_memory: float, peak_flops: float,
                                 out.append(layout)
                                 break  # more recompute only costs time
     if not valid:
-        raise ConfigError(f"no TP x PP x DP x micro-batch layout of {world_size} GPUs passes validation "
+        raise ConfigError(f"no TP x PP x DP x micro-batch layout of {world_size} GPU{'s' if world_size > 1 else ''} passes validation "
                           f"(global batch {cfg.train.global_batch_size}); e.g.: {refusal}")
     out.sort(key=lambda l: (-l.tokens_per_s, l.memory_gib))
     return out

@@ -231,10 +231,29 @@ def test_cli_end_to_end_with_json(tmp_path):
     # the config's own layout (TP=2 + SP, DP=4, distributed optimizer) with each recompute level
     assert set(plan["config_layout"]) == {"none", "selective", "full"}
 
-    bad = run_tool(str(REPO / "examples/llama3_8b_pre_gpas.yaml"), "--gpu-mem", "80 bananas")
-    assert bad.returncode == 2 and "--gpu-mem: expected a positive size" in bad.stderr
-    bad = run_tool(str(REPO / "examples/llama3_8b_pre_gpas.yaml"), "--gpus", "0")
-    assert bad.returncode == 2 and "--gpus must be a positive number" in bad.stderr
+
+def load_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_run_tool", REPO / "tools/plan_run.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_cli_input_errors(capsys):
+    """Exit status 2 and one line naming the option (in this process: the subprocess above
+    already covers the entry point)."""
+    tool = load_tool()
+    config = str(REPO / "examples/llama3_8b_pre_gpas.yaml")
+    for args, message in [(["--gpu-mem", "80 bananas"], "--gpu-mem: expected a positive size"),
+                          (["--gpus", "0"], "--gpus must be a positive number"),
+                          (["--gpu", "Z80"], "--gpu: unknown GPU 'Z80'"),
+                          (["--gpu-mem", "2GB"], "leaves nothing after the 3.0 GiB reserve"),
+                          (["--gpus", "3"], "no TP x PP x DP x micro-batch layout of 3 GPUs passes validation")]:
+        assert tool.main([config, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("plan_run: ") and message in err, (args, err)
 
 
 def test_transformer_engine_layouts_are_planned_without_transformer_engine():
@@ -245,3 +264,24 @@ def test_transformer_engine_layouts_are_planned_without_transformer_engine():
     assert planner.activation_bytes_per_layer(te, 2) < planner.activation_bytes_per_layer(local, 2)
     assert len(planner.search(te, 4, planner.parse_memory("80GB"), 1e15)) == \
         len(planner.search(local, 4, planner.parse_memory("80GB"), 1e15))
+
+
+def test_every_documented_plan_command_runs(tmp_path, capsys):
+    """The plan_run commands of the README and docs, in this process (the CLI test above runs one
+    as a subprocess)."""
+    import re
+    import shlex
+
+    tool = load_tool()
+    commands = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = re.sub(r"\\\n\s*", " ", doc.read_text())
+        commands += [shlex.split(line.strip()) for line in text.splitlines()
+                     if line.lstrip().startswith("python tools/plan_run.py")]
+    assert len(commands) >= 3
+    for argv in commands:
+        argv = argv[2:]
+        if "--json" in argv:
+            argv[argv.index("--json") + 1] = str(tmp_path / "plan.json")
+        assert tool.main([str(REPO / argv[0]), *argv[1:]]) == 0, argv
+        assert "best as overrides" in capsys.readouterr().out, argv
