@@ -196,6 +196,9 @@ def efficiencies(cfg: Config, world_size: int, recompute: str) -> dict[str, floa
     return {"tp": tp, "pipeline": bubble, "micro_batch": mb, "recompute": RECOMPUTE_EFFICIENCY[recompute]}
 
 
+PARTS = ("weights", "gradients", "optimizer", "activations", "total")
+
+
 @dataclass
 class Layout:
     tensor: int
@@ -254,8 +257,7 @@ def evaluate_layout(cfg: Config, world_size: int, count: ParameterCount, recompu
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
         recompute=recompute, memory_gib=max(s.total for s in stages) / GIB,
         stage_memory_gib=[{"stage": s.stage, "parameters": s.parameters, "in_flight": s.in_flight,
-                           **{k: getattr(s, k) / GIB for k in ("weights", "gradients", "optimizer", "activations", "total")}}
-                          for s in stages],
+                           **{k: getattr(s, k) / GIB for k in PARTS}} for s in stages],
         mfu=mfu, tokens_per_s=mfu * peak_flops * world_size / flops_per_token(cfg), efficiencies=eff,
     )
 
@@ -299,7 +301,8 @@ def search(cfg: Config, world_size: int, gpu_memory: float, peak_flops: float,
                                 out.append(layout)
                                 break  # more recompute only costs time
     if not valid:
-        raise ConfigError(f"no TP x PP x DP x micro-batch layout of {world_size} GPU{'s' if world_size > 1 else ''} passes validation "
+        gpus = f"{world_size} GPU{'s' if world_size > 1 else ''}"
+        raise ConfigError(f"no TP x PP x DP x micro-batch layout of {gpus} passes validation "
                           f"(global batch {cfg.train.global_batch_size}); e.g.: {refusal}")
     out.sort(key=lambda l: (-l.tokens_per_s, l.memory_gib))
     return out
