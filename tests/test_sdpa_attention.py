@@ -179,3 +179,30 @@ def test_attention_key_defaults_to_sdpa_and_is_validated():
     with pytest.raises(ConfigError, match="model.attention must be 'sdpa'.*or 'megatron'.*got 'flash'"):
         validate_settings(load_config(None, [*BASE_OVERRIDES, "model.attention=flash"]), world_size=1,
                           check_files=False, require_data=False)
+
+
+# ------------------------------------------------------------------ benchmarks
+
+def test_bench_attention_runs_and_bench_schemes_parses_the_attention():
+    """tools/bench_attention.py end to end at a toy size (its own process: it starts and tears
+    down its process groups), and bench_schemes' ``:megatron`` variant suffix."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "tools" / "bench_attention.py"), "--seq", "8", "16",
+                          "--groups", "2", "--rounds", "1", "--calls", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
+    assert len(rows) == 2, run.stdout
+
+    sys.path.insert(0, str(root / "tools"))
+    try:
+        from bench_schemes import variant_overrides
+    finally:
+        sys.path.remove(str(root / "tools"))
+    assert variant_overrides("pre@layernorm:megatron", False, 256) == [
+        "norm.scheme=pre", "gpas.enabled=false", "model.attention=megatron", "norm.kind=layernorm"]
+    assert not any(o.startswith("model.attention") for o in variant_overrides("osp+muon", True, 256))
