@@ -45,6 +45,10 @@ class ModelConfig:
     init_std: float = 0.02  # every linear layer, LM head included (official GPAS code)
     embedding_init_std: float = math.sqrt(2 / 5)  # "scaled embed" of the GPAS code
     backend: str = "local"  # local (Megatron-Core modules, CPU+GPU) | te (Transformer Engine, GPU)
+    # local backend's core attention: sdpa (PyTorch's fused scaled_dot_product_attention, flash on
+    # GPU and CPU) | megatron (Megatron-Core's DotProductAttention, the full score matrix).
+    # Ignored on te, which has its own fused attention.
+    attention: str = "sdpa"
 
 
 @dataclass
@@ -585,6 +589,9 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
             raise ConfigError(msg)
 
     need(m.backend in ("local", "te"), f"model.backend must be 'local' or 'te', got '{m.backend}'")
+    need(m.attention in ("sdpa", "megatron"),
+         f"model.attention must be 'sdpa' (PyTorch's fused attention) or 'megatron' (Megatron-Core's "
+         f"DotProductAttention), got '{m.attention}'")
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
 

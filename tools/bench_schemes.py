@@ -14,8 +14,10 @@ ratios (min–max), tokens/s, MFU on a GPU (Megatron's formula, metrics.flops_pe
 the dense BF16 peak) and peak memory (GPU: max allocated; CPU: the process's peak RSS, which only
 grows, so it is reported once). The first ``--warmup`` steps of each variant are not timed.
 
-A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam) and/or
-``@layernorm`` (norm.kind=layernorm), e.g. ``osp+muon``; ``--gpas both`` adds each one with GPAS.
+A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam),
+``@layernorm`` (norm.kind=layernorm) and/or ``:megatron`` (model.attention=megatron: Megatron's
+DotProductAttention instead of the default fused SDPA), e.g. ``osp+muon``, ``pre:megatron``;
+``--gpas both`` adds each one with GPAS.
 """
 
 from __future__ import annotations
@@ -46,9 +48,12 @@ DEFAULT_VARIANTS = ("pre", "pre@layernorm", "pre_rmsnorm", "crmsnorm", "osp", "o
 
 
 def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
+    variant, _, attention = variant.partition(":")
     name, _, kind = variant.partition("@")
     scheme, _, optimizer = name.partition("+")
     out = [f"norm.scheme={scheme}", f"gpas.enabled={str(gpas).lower()}"]
+    if attention:
+        out.append(f"model.attention={attention}")
     if kind:
         out.append(f"norm.kind={kind}")
     if optimizer:

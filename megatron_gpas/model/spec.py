@@ -4,10 +4,11 @@ The scheme (``schemes/``) says which norm module fills each position (attention,
 final); ``sublayer_norm`` gives it the slot options (deferred, output scale, gates).
 
 Backends:
-  local  Megatron-Core's own parallel linears and DotProductAttention + our norms.
-         Runs on CPU and GPU.
-  te     Transformer Engine GEMMs and fused attention (GPU, BF16/FP8). When the scheme's
-         input norm is a plain RMSNorm/LayerNorm feeding the GEMM, TE's fused LayerNorm-Linear
+  local  Megatron-Core's own parallel linears + our norms; the core attention is PyTorch's fused
+         scaled_dot_product_attention (model.attention=sdpa, model/attention.py) or Megatron's
+         DotProductAttention (model.attention=megatron). Runs on CPU and GPU.
+  te     Transformer Engine GEMMs and fused attention (GPU, BF16/FP8; model.attention is ignored).
+         When the scheme's input norm is a plain RMSNorm/LayerNorm feeding the GEMM, TE's fused LayerNorm-Linear
          is used (and TENorm for a plain final norm); every other scheme gets the unfused
          layout (our norm modules, TE linears), so FP8 still covers all GEMMs.
 Checkpoint keys are the same in every layout (the norms are stored under TE's fused
@@ -32,6 +33,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_gpas.config import Config
+from megatron_gpas.model.attention import SDPAttention
 from megatron_gpas.model.layer import NormLayer
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.sublayer import sublayer_norm
@@ -83,7 +85,8 @@ def unfused_submodules(cfg: Config, column_linear, row_linear, core_attention) -
 
 def layer_submodules(cfg: Config) -> TransformerLayerSubmodules:
     if cfg.model.backend == "local":
-        return unfused_submodules(cfg, ColumnParallelLinear, RowParallelLinear, DotProductAttention)
+        core_attention = SDPAttention if cfg.model.attention == "sdpa" else DotProductAttention
+        return unfused_submodules(cfg, ColumnParallelLinear, RowParallelLinear, core_attention)
     if get_scheme(cfg).fusable_input_norm(cfg):
         # LayerNorm-Linear fused: the input norms live inside linear_qkv / linear_fc1.
         return get_gpt_layer_with_transformer_engine_submodules()
