@@ -4,26 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-
-def write_synthetic_dataset(prefix: str, vocab_size: int = 256, num_docs: int = 200, doc_len: int = 300,
-                            seed: int = 0) -> str:
-    """Documents of a noisy periodic token pattern (so a model can learn it), EOD = vocab_size-1."""
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(vocab_size))
-    for _ in range(num_docs):
-        period = int(rng.integers(3, 9))
-        base = rng.integers(0, vocab_size - 1, size=period)
-        doc = np.resize(base, doc_len)
-        noise = rng.random(doc_len) < 0.1
-        doc[noise] = rng.integers(0, vocab_size - 1, size=int(noise.sum()))
-        builder.add_document(torch.from_numpy(np.append(doc, vocab_size - 1).astype(np.int64)), [doc_len + 1])
-    builder.finalize(prefix + ".idx")
-    return prefix
+from megatron_gpas.data.synthetic import write_synthetic_dataset  # noqa: F401  (the tests import it from here)
 
 
 def synthetic_run_overrides(ws: Path, log_dir: Path, vocab_size: int = 256) -> list[str]:

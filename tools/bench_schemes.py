@@ -8,10 +8,12 @@ r"""Step time of each normalization scheme (± GPAS) relative to Pre-LN, measure
 Every variant is built once (same shape, same random batches), then timed in interleaved rounds:
 each round runs ``--steps`` training steps (forward + backward + gradient finalization + clip +
 optimizer step, as the trainer does them) of every variant in turn, starting one variant later
-each round, so slow drifts of the machine (clock, other load) and the order hit all variants alike. Reported per variant: the median step time over the
-rounds, its ratio to the Pre-LN (RMSNorm, no GPAS) median with the spread of the per-round
-ratios (min–max), tokens/s, MFU on a GPU (Megatron's formula, metrics.flops_per_token, against
-the dense BF16 peak) and peak memory (GPU: max allocated; CPU: the process's peak RSS, which only
+each round, so slow drifts of the machine (clock, other load) and the order hit all variants
+alike. Reported per variant: the median step time over the rounds, its ratio to the Pre-LN
+(RMSNorm, no GPAS) median with the spread of the per-round ratios (min–max), tokens/s, MFU on a
+GPU (Megatron's formula, metrics.flops_per_token, against the dense BF16 peak; stated in the
+output) and memory: on a GPU the allocator's peak while the variant stepped and the part of it
+the step itself added (activations, temporaries); on a CPU only the process's peak RSS (it only
 grows, so it is reported once). The first ``--warmup`` steps of each variant are not timed.
 
 A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam),
@@ -113,7 +115,7 @@ def _synchronize():
         torch.cuda.synchronize()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: 4 layers, hidden 256, vocabulary 4096, seq 128, 5 rounds of 3 steps")
@@ -128,8 +130,16 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--output", help="write the results as JSON")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="extra config overrides for every variant")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+MFU_STATEMENT = ("MFU = tokens/s × FLOPs/token ÷ the GPU's dense BF16 peak (H100/H200/H800: 989.4 TFLOP/s); "
+                 "FLOPs/token is Megatron's formula (metrics.flops_per_token: 6·[L·(h·(q+k+v) + q·s + q·h + "
+                 "3·h·ffn) + h·V], causal attention counted once), the same as NeMo's published MFU")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build every variant, time them in interleaved rounds and return the report (a dict)."""
     from megatron_gpas import distributed
     from megatron_gpas.config import load_config
     from megatron_gpas.metrics import flops_per_token, peak_flops_per_gpu
@@ -139,7 +149,7 @@ def main(argv=None) -> int:
     quick = args.quick or on_cpu
     preset = args.preset or ("tiny" if quick else "1b")
     seq = args.seq_length or (128 if quick else 2048)
-    mbs = args.micro_batch_size or (4 if quick else 4)
+    mbs = args.micro_batch_size or 4
     rounds = args.rounds or 5
     steps = args.steps or (3 if quick else 10)
     # small vocabulary: the layers, not the embedding and head, dominate the step as in large models
@@ -182,6 +192,7 @@ def main(argv=None) -> int:
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
+                    resident_before = torch.cuda.memory_allocated()
                 _synchronize()
                 started = time.perf_counter()
                 for _ in range(steps):
@@ -189,8 +200,13 @@ def main(argv=None) -> int:
                 _synchronize()
                 v.times.append((time.perf_counter() - started) / steps)
                 if torch.cuda.is_available():
-                    v.peak_memory = torch.cuda.max_memory_allocated()
+                    # the allocator's peak while this variant stepped: its activations and
+                    # temporaries on top of every variant's resident weights and optimizer state
+                    v.peak_memory = max(getattr(v, "peak_memory", 0), torch.cuda.max_memory_allocated())
+                    # what the step itself adds (activations, temporaries): the part that differs by scheme
+                    v.step_memory = max(getattr(v, "step_memory", 0), torch.cuda.max_memory_allocated() - resident_before)
             print(f"[bench] round {r + 1}/{rounds} done", flush=True)
+        resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
     finally:
         distributed.shutdown()
 
@@ -202,27 +218,69 @@ def main(argv=None) -> int:
         ratios = [t / b for t, b in zip(v.times, base_times)]
         row = {"variant": v.name, "median_step_s": median, "ratio": median / statistics.median(base_times),
                "ratio_min": min(ratios), "ratio_max": max(ratios), "tokens_per_s": tokens_per_step / median,
-               "claim": CLAIMS.get(v.name.removesuffix("+gpas"), "")}
+               "claim": CLAIMS.get(v.name.removesuffix("+gpas"), ""),
+               "parameters": sum(p.numel() for chunk in v.model for p in chunk.parameters())}
         if peak is not None:
             row["mfu"] = tokens_per_step / median * flops_per_token(v.cfg) / peak
         if hasattr(v, "peak_memory"):
             row["peak_memory_gib"] = v.peak_memory / 2**30
+            row["step_memory_gib"] = v.step_memory / 2**30
         results.append(row)
-    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    print(f"\n| variant | step (ms) | vs Pre-LN (per-round min–max) | tokens/s |{' MFU |' if peak else ''} paper's claim |")
-    print(f"|---|---|---|---|{'---|' if peak else ''}---|")
+    report = {"device": device_name(), "date": datetime.date.today().isoformat(), "preset": preset,
+              "seq_length": seq, "micro_batch_size": mbs, "tokens_per_step": tokens_per_step, "rounds": rounds,
+              "steps": steps, "warmup": args.warmup, "precision": "bf16" if bf16 else "fp32",
+              "overrides": list(args.overrides), "results": results}
+    if peak is not None:
+        report["mfu_statement"] = MFU_STATEMENT
+        report["peak_flops"] = peak
+    if resident is not None:
+        report["resident_memory_gib"] = resident / 2**30
+    else:
+        report["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return report
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown_table(report: dict) -> str:
+    """The results as a Markdown table, with what the memory and MFU columns mean."""
+    results = report["results"]
+    has_mfu = "mfu" in results[0]
+    has_memory = "peak_memory_gib" in results[0]
+    lines = [f"| variant | step (ms) | vs Pre-LN (per-round min–max) | tokens/s |{' MFU |' if has_mfu else ''}"
+             f"{' peak memory (GiB) | memory of the step (GiB) |' if has_memory else ''} paper's claim |",
+             f"|---|---|---|---|{'---|' if has_mfu else ''}{'---|---|' if has_memory else ''}---|"]
     for row in results:
-        mfu = f" {100 * row['mfu']:.1f}% |" if peak else ""
-        print(f"| {row['variant']} | {1000 * row['median_step_s']:.1f} | {row['ratio']:.3f} "
-              f"({row['ratio_min']:.3f}–{row['ratio_max']:.3f}) | {row['tokens_per_s']:,.0f} |{mfu} {row['claim']} |")
-    if on_cpu:
-        print(f"\npeak RSS of the process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    print(f"device: {device_name}; date: {datetime.date.today().isoformat()}")
+        mfu = f" {100 * row['mfu']:.1f}% |" if has_mfu else ""
+        memory = f" {row['peak_memory_gib']:.1f} | {row['step_memory_gib']:.2f} |" if has_memory else ""
+        lines.append(f"| {row['variant']} | {1000 * row['median_step_s']:.1f} | {row['ratio']:.3f} "
+                     f"({row['ratio_min']:.3f}–{row['ratio_max']:.3f}) | {row['tokens_per_s']:,.0f} |{mfu}{memory} "
+                     f"{row['claim']} |")
+    lines.append("")
+    if "peak_rss_gib" in report:
+        lines.append(f"Peak RSS of the process (all variants): {report['peak_rss_gib']:.2f} GiB.")
+    if has_memory:
+        lines.append(f"Peak memory: the allocator's peak while the variant stepped, including the "
+                     f"{report['resident_memory_gib']:.1f} GiB all variants keep resident (weights, gradients, "
+                     "optimizer state); memory of the step: that peak minus what was allocated when its steps "
+                     "began (its activations and temporaries).")
+    if "mfu_statement" in report:
+        lines.append(report["mfu_statement"] + ".")
+    lines.append(f"Device: {report['device']}; date: {report['date']}.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = measure(args)
+    print("\n" + markdown_table(report))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump({"device": device_name, "date": datetime.date.today().isoformat(), "preset": preset,
-                       "seq_length": seq, "tokens_per_step": tokens_per_step, "rounds": rounds, "steps": steps,
-                       "results": results}, f, indent=2)
+            json.dump(report, f, indent=2)
     return 0
 
 
