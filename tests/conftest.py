@@ -21,3 +21,19 @@ def parallel_state_released():
     from process_groups import release_parallel_state
 
     release_parallel_state()
+
+
+@pytest.fixture(scope="module")
+def megatron_env(request):
+    """A gloo world of 1 and Megatron's parallel_state, once per module, for tests that build models
+    directly (no Trainer). The config comes from the module's ``BASE_OVERRIDES``."""
+    from megatron.core import parallel_state
+
+    from megatron_gpas import distributed
+    from megatron_gpas.config import load_config
+
+    if parallel_state.model_parallel_is_initialized():  # left over by another module
+        distributed.shutdown(keep_process_group=True)
+    distributed.init_distributed(load_config(None, list(request.module.BASE_OVERRIDES)))
+    yield
+    distributed.shutdown(keep_process_group=True)

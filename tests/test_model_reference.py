@@ -30,7 +30,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_gpas import distributed
 from megatron_gpas.config import load_config
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
 
@@ -178,18 +177,6 @@ def megatron_to_reference(meg: dict[str, torch.Tensor], shape: RefShape) -> dict
 
 
 # =========================================================================== Megatron side
-
-
-@pytest.fixture(scope="module")
-def megatron_env():
-    """Gloo world of 1 + Megatron parallel_state, once for this module."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():  # left over by another module
-        distributed.shutdown(keep_process_group=True)
-    distributed.init_distributed(load_config(None, BASE_OVERRIDES))
-    yield
-    distributed.shutdown(keep_process_group=True)
 
 
 def make_cfg(*overrides: str):

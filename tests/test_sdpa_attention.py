@@ -16,7 +16,6 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_gpas import distributed
 from megatron_gpas.config import ConfigError, load_config, validate_settings
 from megatron_gpas.model.attention import SDPAttention
 from megatron_gpas.model.builder import build_model_chunks, transformer_config
@@ -34,18 +33,6 @@ ATTENTION_REL_TOL = 1e-5
 # The whole model compounds the attention's rounding through 4 layers, norms and the head;
 # measured ≤ 1e-6 for logits and ≤ 2e-6 for parameter gradients.
 MODEL_REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def megatron_env():
-    """Gloo world of 1 + Megatron parallel_state (DotProductAttention's score buffer lives there)."""
-    from megatron.core import parallel_state
-
-    if parallel_state.model_parallel_is_initialized():  # left over by another module
-        distributed.shutdown(keep_process_group=True)
-    distributed.init_distributed(load_config(None, BASE_OVERRIDES))
-    yield
-    distributed.shutdown(keep_process_group=True)
 
 
 def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, what: str):
