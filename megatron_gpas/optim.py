@@ -44,6 +44,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas.config import Config, ConfigError
 from megatron_gpas.model.gpas import GATE_GRAD_NORM_GROUP, is_gate, register_gate_grad_norm_group
+from megatron_gpas.model.schemes import get_scheme
 
 ADAM, MUON = "adam", "muon"
 OPTIMIZERS = (ADAM, MUON)
@@ -224,6 +225,14 @@ def muon_weight_decay(cfg: Config) -> float:
     return o.muon_weight_decay if o.muon_weight_decay is not None else o.weight_decay
 
 
+def weight_decay_overrides(cfg: Config, config: OptimizerConfig) -> dict:
+    """Megatron's standard overrides (no weight decay on 1-D parameters and biases), or, for a
+    scheme whose recipe decays every parameter (norm weights too), only the GPAS gates spared."""
+    if not get_scheme(cfg).decays_all_parameters(cfg):
+        return get_standard_config_overrides(config)
+    return {ParamKey(predicate=ParamPredicate(name="megatron_gpas_gate", fn=is_gate)): {"wd_mult": 0.0}}
+
+
 def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
     register_gate_grad_norm_group()
     o = cfg.optim
@@ -252,11 +261,10 @@ def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
         muon_fp32_matmul_prec=o.muon_matmul_precision,
         muon_scalar_optimizer=ADAM,
     )
+    overrides = weight_decay_overrides(cfg, config)
     if o.optimizer == MUON:
         optimizer_routing(model_chunks)  # invalid optimizer_route attributes fail here, by name
-        # Megatron's standard overrides (no weight decay on 1-D params and biases) plus the
-        # Muon group's own peak/min LR and weight decay; the scheduler reads them per group.
-        overrides = get_standard_config_overrides(config)
+        # plus the Muon group's own peak/min LR and weight decay; the scheduler reads them per group
         muon_route = ParamPredicate(name="megatron_gpas_muon_route", fn=lambda p: optimizer_route(p) == MUON)
         overrides[ParamKey(predicate=muon_route)] = {
             "max_lr": muon_lr(cfg), "min_lr": muon_lr(cfg) * o.min_lr_ratio,
@@ -265,7 +273,7 @@ def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
         with _muon_routing_rule():
             optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
     else:
-        optimizer = get_megatron_optimizer(config, model_chunks)
+        optimizer = get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

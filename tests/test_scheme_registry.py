@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_model_reference import build, inputs, make_cfg, megatron_env  # noqa: F401  (fixture)
+from test_model_reference import BASE_OVERRIDES, build, inputs, make_cfg  # noqa: F401  (BASE_OVERRIDES: the megatron_env fixture)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -76,6 +76,7 @@ TE_LAYOUTS = {
     "bhyt": (("norm.scheme=bhyt",), (False, True)),
     "bhyt_final_lambda": (("norm.scheme=bhyt", "norm.options.lambdas=[2.0, 1.0, 1.0]"), (False, False)),
     "bhytstar": (("norm.scheme=bhytstar",), (False, True)),
+    "simplenorm": (("norm.scheme=simplenorm",), (False, True)),
 }
 
 
@@ -108,6 +109,10 @@ INVALID = {
     "bhyt_lambdas": (["norm.scheme=bhyt", "norm.options.lambdas=[0.0, 1.0, 0.0]"], "norm.options.lambdas must be"),
     "bhyt_kappa": (["norm.scheme=bhyt", "norm.options.kappa=0"], "norm.options.kappa must be positive"),
     "gate_position_on_post": (["norm.scheme=post", "gpas.position=after_norm"], "defined for pre-norm hosts"),
+    "simplenorm_gate_after_norm": (["norm.scheme=simplenorm", "gpas.enabled=true", "gpas.position=after_norm"],
+                                   "simplenorm has none"),
+    "simplenorm_tp_width": (["norm.scheme=simplenorm", "model.num_query_groups=1", "parallel.tensor=2"],
+                            "must be multiples of parallel.tensor"),
     "muon_with_distributed_optimizer": (["optim.optimizer=muon", "parallel.distributed_optimizer=true"],
                                         "distributed_optimizer"),
     "negative_eps": (["norm.eps=-1e-6"], "norm.eps must be >= 0"),

@@ -14,7 +14,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from megatron_gpas.config import Config, head_dim, padded_vocab_size
-from megatron_gpas.model.init import init_stream, seeded_init_method
+from megatron_gpas.model.init import init_stream, redraw_, seeded_init_method
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
 
@@ -139,6 +139,10 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
                 parallel_output=True,
                 vp_stage=vp_stage,
             )
+        head_init = scheme.head_init_method(cfg)
+        if model.post_process and head_init is not None and config.perform_initialization:
+            with init_stream(seed, "output_layer", "head_init"):  # drawn whole: the same in every TP layout
+                redraw_(model.output_layer.weight, head_init)
         if model.pre_process and (transform := _in_stream(seed, scheme.embedding_transform, cfg, config)) is not None:
             attach_embedding_transform(model, transform)
         if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:

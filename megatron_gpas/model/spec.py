@@ -63,21 +63,23 @@ def norm_spec(cfg: Config, position: str, slot: bool = True) -> ModuleSpec:
 
 
 def unfused_submodules(cfg: Config, column_linear, row_linear, core_attention) -> TransformerLayerSubmodules:
-    """Norm modules of our own in front of each sub-layer, the given GEMM/attention modules."""
+    """Norm modules of our own in front of each sub-layer, the given GEMM/attention modules (the
+    scheme's linears, built on them)."""
+    linear = get_scheme(cfg).linear_modules(cfg, column_linear, row_linear)
     return TransformerLayerSubmodules(
         input_layernorm=norm_spec(cfg, "attention"),
         self_attention=ModuleSpec(
             module=SelfAttention,
             params={"attn_mask_type": AttnMaskType.causal},
             submodules=SelfAttentionSubmodules(
-                linear_qkv=column_linear, core_attention=core_attention, linear_proj=row_linear,
+                linear_qkv=linear["linear_qkv"], core_attention=core_attention, linear_proj=linear["linear_proj"],
                 q_layernorm=IdentityOp, k_layernorm=IdentityOp,
             ),
         ),
         self_attn_bda=get_bias_dropout_add,  # replaced by ResidualAdd in NormLayer
         pre_mlp_layernorm=norm_spec(cfg, "mlp"),
         mlp=functools.partial(MLP.as_mlp_submodule,
-                              submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear)),
+                              submodules=MLPSubmodules(linear_fc1=linear["linear_fc1"], linear_fc2=linear["linear_fc2"])),
         mlp_bda=get_bias_dropout_add,
         sharded_state_dict_keys_map=dict(NORM_KEYS_AS_FUSED),
     )

@@ -12,11 +12,12 @@ from megatron_gpas.model.schemes.bhyt import BHYT_SCHEMES
 from megatron_gpas.model.schemes.dyt import DYT_SCHEMES
 from megatron_gpas.model.schemes.osp import OSP_SCHEMES
 from megatron_gpas.model.schemes.paper import PAPER_SCHEMES
+from megatron_gpas.model.schemes.simplenorm import SIMPLENORM_SCHEMES
 from megatron_gpas.model.schemes.zero_mean import ZERO_MEAN_SCHEMES
 
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
-    for scheme in (*PAPER_SCHEMES, *ZERO_MEAN_SCHEMES, *OSP_SCHEMES, *DYT_SCHEMES, *BHYT_SCHEMES)
+    for scheme in (*PAPER_SCHEMES, *ZERO_MEAN_SCHEMES, *OSP_SCHEMES, *DYT_SCHEMES, *BHYT_SCHEMES, *SIMPLENORM_SCHEMES)
 }
 
 

@@ -7,9 +7,13 @@ so adding a scheme is one module plus one registry entry. What a scheme can decl
   structure   the norm module of each position (attention, MLP, final) and its options;
               ``configure_layer``: per built layer (global 1-based layer l known) the two slots
               around each sub-layer (``sublayer.py``: norm slot, residual add), inits, wiring;
+              ``linear_modules``: the modules of the layer's linears (e.g. SimpleNorm's norm after
+              each one, built on Megatron's parallel linears);
               ``embedding_transform`` / ``head_transform``: modules after the embedding and
               before the LM head; ``residual_width``: the width of the residual stream
-  training    ``before_step``: periodic buffers (BHyT's c_attn);
+  init        ``transformer_config_overrides`` (Megatron's init stds), ``head_init_method``
+  training    ``decays_all_parameters``: weight decay on norm weights and other 1-D parameters too;
+              ``before_step``: periodic buffers (BHyT's c_attn);
               ``after_optimizer_step``: a projection of parameters after each optimizer step
               (none of the schemes here needs one yet; nGPT's weight normalisation will)
   checks      ``validate``: invalid combinations, before any process group;
@@ -25,7 +29,7 @@ dataclass (unknown keys and wrong types are config errors naming the key).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -128,6 +132,12 @@ class Scheme:
     def configure_layer(self, layer: "NormLayer", cfg: Config) -> None:
         raise NotImplementedError
 
+    def linear_modules(self, cfg: Config, column_linear: type, row_linear: type) -> dict[str, type]:
+        """The module of each linear slot of a layer (linear_qkv, linear_proj, linear_fc1, linear_fc2),
+        given the backend's column- and row-parallel linear classes."""
+        return {"linear_qkv": column_linear, "linear_proj": row_linear,
+                "linear_fc1": column_linear, "linear_fc2": row_linear}
+
     def embedding_transform(self, cfg: Config, config) -> nn.Module | None:
         return None
 
@@ -141,7 +151,16 @@ class Scheme:
         """Megatron ``TransformerConfig`` fields this scheme sets (e.g. its own init)."""
         return {}
 
+    def head_init_method(self, cfg: Config) -> Callable[[torch.Tensor], Any] | None:
+        """The LM head's init, applied to the whole (unsharded) weight; None: Megatron's init_method."""
+        return None
+
     # ------------------------------------------------------------------ training
+
+    def decays_all_parameters(self, cfg: Config) -> bool:
+        """Weight decay on every parameter (GPAS gates excepted), instead of Megatron's rule that
+        spares 1-D parameters (norm weights, scalars) and biases."""
+        return False
 
     def before_step(self, model_chunks, step: int, cfg: Config) -> None:
         """Called by the trainer before every optimizer step ``step`` (0-based) of the run."""
