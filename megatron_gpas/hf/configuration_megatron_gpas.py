@@ -23,8 +23,9 @@ class MegatronGPASConfig(LlamaConfig):
     gpas_per_sublayer: bool = False
     gpas_stop_gradient: bool = True
     # the norm module (every position unless final_norm_type says otherwise):
-    # rmsnorm | layernorm | dyt (γ⊙tanh(α·x)) | bhyt | bhytstar (γ⊙tanh(λ·x/(κ·rms)))
+    # rmsnorm | layernorm | dyt (γ⊙tanh(α·x)) | bhyt | bhytstar (γ⊙tanh(λ·x/(κ·rms))) | none (no pre-norm)
     norm_type: str = "rmsnorm"
     norm_bias: bool = False  # rmsnorm / layernorm with a bias β
     final_norm_type: str | None = None  # None: norm_type
     bhyt_kappa: float = 10.0
+    linear_output_norm: bool = False  # SimpleNorm: an RMSNorm on the output of every projection

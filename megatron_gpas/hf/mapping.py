@@ -37,6 +37,17 @@ RENAMED_LAYER_TENSORS = {
 # The norms' other tensors keep their own name after the norm's HF name.
 NORM_SLOTS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
               "mlp.linear_fc1.layer_norm_": "post_attention_layernorm."}
+# Norms on the output of a linear (SimpleNorm): Megatron's fused q/k/v and gate/up hold one weight per part.
+OUTPUT_NORMS = {
+    "self_attention.linear_qkv.output_norm.q_norm.weight": "self_attn.q_proj.norm.weight",
+    "self_attention.linear_qkv.output_norm.k_norm.weight": "self_attn.k_proj.norm.weight",
+    "self_attention.linear_qkv.output_norm.v_norm.weight": "self_attn.v_proj.norm.weight",
+    "self_attention.linear_proj.output_norm.weight": "self_attn.o_proj.norm.weight",
+    "mlp.linear_fc1.output_norm.gate_norm.weight": "mlp.gate_proj.norm.weight",
+    "mlp.linear_fc1.output_norm.up_norm.weight": "mlp.up_proj.norm.weight",
+    "mlp.linear_fc2.output_norm.weight": "mlp.down_proj.norm.weight",
+}
+RENAMED_LAYER_TENSORS.update(OUTPUT_NORMS)
 NORM_TENSORS = ("bias", "alpha", "lam", "c_attn")  # RMSNorm/LayerNorm bias, DyT α, BHyT λ and c_attn
 RENAMED_LAYER_TENSORS.update({megatron + name: hf + name for megatron, hf in NORM_SLOTS.items()
                               for name in NORM_TENSORS})
@@ -94,7 +105,7 @@ def layer_to_hf(megatron: dict[str, torch.Tensor], shape: AttentionShape) -> dic
     if "gpas_alpha" in hf:
         hf["gpas_alpha"] = hf["gpas_alpha"].reshape(-1)  # [1] or [2] (one per sub-layer)
     for key in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-        if hf[key].numel() == 1:  # a single-scale norm (OSP's SSNorm): the same weight on every channel
+        if key in hf and hf[key].numel() == 1:  # a single-scale norm (OSP's SSNorm): the same weight on every channel
             hf[key] = hf[key].expand(shape.hidden)
     s = shape
     qkv = megatron[QKV].view(s.groups, s.q_per_group + 2, s.head_dim, s.hidden)

@@ -22,6 +22,12 @@ Every other scheme (OSP, DyT, BHyT, Pre-(C)RMSNorm) is a pre-norm host; its norm
                (1 − act(α))²·(mean(x²) + c_attn·λ₁²/κ²) of the layer input x in front of the MLP
     bhytstar   the same with m = mean(x²) of the norm's own input everywhere
 
+SimpleNorm (``linear_output_norm``, norm_type ``none``: no pre-norms) puts an RMSNorm on the output
+of every projection (q, k, v over their whole width, o, gate, up, down):
+
+    simplenorm x' = x + RMSNorm_o(W_o·Attn(RMSNorm_q(W_q x), RMSNorm_k(W_k x), RMSNorm_v(W_v x)))
+               x' = x + RMSNorm_down(W_down(silu(RMSNorm_gate(W_gate x)) ⊙ RMSNorm_up(W_up x)))
+
 All models end with the final norm (``final_norm_type``, default ``norm_type``) and an untied LM
 head. Depends only on torch and transformers (≥ 5).
 """
@@ -84,6 +90,28 @@ class LayerNorm(RMSNorm):
         return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
+class NoNorm(nn.Module):
+    def forward(self, x: torch.Tensor, mean_square=None) -> torch.Tensor:
+        return x
+
+
+class NormedLinear(nn.Linear):
+    """y = RMSNorm(W x) over the whole output (SimpleNorm); the norm's weight is ``<proj>.norm.weight``."""
+
+    def __init__(self, linear: nn.Linear, eps: float):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.norm = RMSNorm(linear.out_features, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+def normalize_linear_outputs(module: nn.Module, names: tuple[str, ...], eps: float) -> None:
+    for name in names:
+        setattr(module, name, NormedLinear(getattr(module, name), eps))
+
+
 class DynamicTanh(nn.Module):
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -117,6 +145,8 @@ def make_norm(config: MegatronGPASConfig, position: str) -> nn.Module:
     if kind in ("rmsnorm", "layernorm"):
         return (LayerNorm if kind == "layernorm" else RMSNorm)(config.hidden_size, config.rms_norm_eps,
                                                              config.norm_bias)
+    if kind == "none":
+        return NoNorm()
     if kind == "dyt":
         return DynamicTanh(config.hidden_size)
     if kind in ("bhyt", "bhytstar"):
@@ -133,6 +163,9 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         scheme = config.norm_scheme
         self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
         self.mlp = LlamaMLP(config)
+        if config.linear_output_norm:
+            normalize_linear_outputs(self.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"), config.rms_norm_eps)
+            normalize_linear_outputs(self.mlp, ("gate_proj", "up_proj", "down_proj"), config.rms_norm_eps)
         self.input_layernorm = make_norm(config, "attention")
         self.post_attention_layernorm = make_norm(config, "mlp")
         # Sandwich-LN: a norm on each sub-layer's output before the add.

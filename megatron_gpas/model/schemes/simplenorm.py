@@ -50,6 +50,15 @@ class NoNorm(nn.Module):
         return x
 
 
+class PartWeight(nn.Module):
+    """γ of one part (``<part>_norm.weight``): this rank's contiguous shard, TP-partitioned along dim 0."""
+
+    def __init__(self, config, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width, dtype=config.params_dtype))
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+
 class OutputNorms(nn.Module):
     """RMSNorms of the parts of a column-parallel linear's output, each over its full width.
 
@@ -71,13 +80,14 @@ class OutputNorms(nn.Module):
         tp = tp_group.size()
         self.full_width = [n * groups * length * tp for n in self.slots.values()]
         for name, n in self.slots.items():
-            weight = nn.Parameter(torch.ones(groups * n * length, dtype=config.params_dtype))
-            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=0, stride=1)
-            setattr(self, f"{name}_weight", weight)
+            self.add_module(f"{name}_norm", PartWeight(config, groups * n * length))
+
+    def part_weight(self, name: str) -> nn.Parameter:
+        return getattr(self, f"{name}_norm").weight
 
     def weight(self) -> torch.Tensor:
         """γ in the linear's local layout [groups, slots, length]."""
-        parts = [getattr(self, f"{name}_weight").view(self.groups, n, self.length) for name, n in self.slots.items()]
+        parts = [self.part_weight(name).view(self.groups, n, self.length) for name, n in self.slots.items()]
         return torch.cat(parts, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
