@@ -406,6 +406,17 @@ def _from_init(ws) -> list[str]:
     return [f"checkpoint.load='{ws / 'ckpt_init'}'", "checkpoint.load_optimizer=false"]
 
 
+INIT_LAYOUTS = {"tp2_sp": LAYOUTS["tp2_sp"], "pp2_vp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]}
+
+
+def _fresh_init(ws, layout: str) -> dict:
+    """SimpleGPT's init (depth-scaled W_o, W_2 and W_3 rows of fc1, N(0, 1) embedding, the cut head),
+    saved at step 0 from a fresh build in ``layout``."""
+    extra = INIT_LAYOUTS.get(layout, [])
+    return {"name": f"fresh_{layout}", "kind": "save_init",
+            "overrides": _run_overrides(ws, f"fresh_{layout}", *extra, f"checkpoint.save='{ws / 'fresh' / layout}'")}
+
+
 @pytest.fixture(scope="module")
 def single(workspace) -> dict:
     """One process: step-0 checkpoint (weights where every parameter matters: norm weights 1 ± 0.3,
@@ -421,6 +432,7 @@ def single(workspace) -> dict:
                                      f"train.exit_after_steps={SAVE_AT}")},
         {"name": "second_half", "kind": "train", "checksums": True,
          "overrides": _run_overrides(ws, "second_half", f"checkpoint.load='{ws / 'ckpt_half'}'")},
+        _fresh_init(ws, "single"),
     ]
     return _launch(ws, "simplenorm_single", 1, cases, timeout=300)[0]["cases"]
 
@@ -433,10 +445,28 @@ def multi(workspace, single) -> list[dict]:
     cases = [{"name": layout, "kind": "train", "checksums": True, "sp_audit": layout == "tp2_sp",
               "overrides": _run_overrides(ws, layout, *overrides, *_from_init(ws), f"train.exit_after_steps={EQUIV_STEPS}")}
              for layout, overrides in LAYOUTS.items()]
+    cases += [_fresh_init(ws, layout) for layout in INIT_LAYOUTS]
     cases.append({"name": "resume_tp2_sp", "kind": "train", "checksums": True,
                   "overrides": _run_overrides(ws, "resume_tp2_sp", *LAYOUTS["tp2_sp"],
                                               f"checkpoint.load='{ws / 'ckpt_half'}'", f"checkpoint.save='{ws / 'ckpt_tp2'}'")})
     return [r["cases"] for r in _launch(ws, "simplenorm_multi", 2, cases, timeout=400)]
+
+
+def test_initial_weights_are_the_same_in_every_layout(single, multi):
+    """TP=2+SP and PP=2×VP=2 builds start from the 1-process weights, bitwise (model/init.py)."""
+    from megatron_gpas.hf.dcp_reader import CheckpointReader
+
+    def weights(path: str) -> dict:
+        reader = CheckpointReader(path)
+        return {key: reader.read(key) for key in reader.metadata if not key.startswith("optimizer.")}
+
+    reference = weights(single["fresh_single"]["latest"])
+    assert sum("output_norm" in key for key in reference) == 7, sorted(reference)  # stacked over the layers
+    for layout in INIT_LAYOUTS:
+        built = weights(multi[0][f"fresh_{layout}"]["latest"])
+        assert set(built) == set(reference)
+        differ = [key for key, value in reference.items() if not torch.equal(built[key], value)]
+        assert not differ, f"initial weights under {layout} differ from 1 process: {differ}"
 
 
 def test_resume_is_bitwise(single):
