@@ -8,7 +8,7 @@ Writes examples/paper/{scheme}[_gpas]_{71m,130m,250m,350m,1b}.yaml for the 11 ro
 paper's Table 2 (6 baselines, 5 GPAS variants), {pre,pre_gpas}_7b.yaml, and
 examples/llama3_8b_pre_gpas.yaml; examples/norms/{scheme}[_gpas]_{size}.yaml: the
 norm-replacement schemes (Pre-LN with LayerNorm, Pre-RMSNorm, Pre-CRMSNorm, OSP, DyT, BHyT,
-BHyT*) on the same shapes and recipe, so they compare with the paper's rows; and
+BHyT*, SimpleNorm) on the same shapes and recipe, so they compare with the paper's rows; and
 examples/recipes/: each of those papers' own setup where the sources give one. Hyperparameters: GPAS paper Table 1 (targets.md,
 methods.md §1.8): Adam β=(0.9, 0.999), eps 1e-8, no weight decay, linear warmup then
 cosine to 0.1×peak, sequence length 256, global batch 512 sequences (7B: 2048), seed 42,
@@ -233,6 +233,9 @@ NORM_ROWS = {
     "bhyt": ({"norm": {"scheme": "bhyt"}},
              "BHyT: gamma * tanh(lambda * x / (kappa * rms)), estimated post-attention statistics, (2, 1, 0) (§5.1)."),
     "bhytstar": ({"norm": {"scheme": "bhytstar"}}, "BHyT*: BHyT with exact statistics in every norm (§5.1)."),
+    "simplenorm": ({"norm": {"scheme": "simplenorm", "eps": 1e-5}},
+                   "SimpleNorm (SimpleGPT): RMSNorm(W x) after every linear (q, k, v over their full widths, o, "
+                   "W_1, W_3, W_2), no pre-norms, the final norm, SimpleGPT's init, eps 1e-5 (§6)."),
 }
 
 
@@ -327,7 +330,7 @@ def _recipes() -> list[tuple[str, str]]:
         "data": {"paths": ["data/c4_llama3_train_text_document"], "split": "99,1,0",
                  "tokenizer": {"kind": "huggingface", "path": "tokenizers/llama3/tokenizer.json"}},
     }
-    return [
+    return [*_simplegpt_recipes(),
         _recipe("osp_1.4b_muon", "OSP's 1.4B setup: single-scale RMSNorm + EmbProj + Muon", osp, [
             "OSP (methods.md §4, research-wave2.md §3.4): Muon on the hidden matrices and EmbProj (Nesterov, the",
             "'simple' Newton-Schulz coefficients, 5 steps, update 0.2 * sqrt(max(m, n)), decoupled weight decay 0.01),",
@@ -351,6 +354,58 @@ def _recipes() -> list[tuple[str, str]]:
             "sequences (its 1B sweep), per-device batch 16 on 8 GPUs, C4 en. c_attn is refreshed every",
             "max(1, min(1000, steps / 50)) = 400 steps. The head is untied here (Llama 3.2 ties it).",
         ]),
+    ]
+
+
+def _simplegpt_recipes() -> list[tuple[str, str]]:
+    """SimpleGPT's own setups (Ocram7/SimpleGPT@40c4f25 src/train_configs/*/simplegpt.toml; methods.md §6):
+    AdamW (0.9, 0.95), weight decay on every parameter, clip 1.0, C4 en; batches as its tomls on 8 GPUs."""
+
+    def recipe(model: dict, parallel: dict, steps: int, seq: int, micro: int, batch: int, lr: float, warmup: int,
+               wd: float, tokenizer: dict, data: str) -> dict:
+        return {
+            "model": {**model, "backend": "local"},
+            "norm": {"scheme": "simplenorm", "eps": 1e-5},
+            "gpas": {"enabled": False},
+            "parallel": {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "distributed_optimizer": True,
+                         **parallel},
+            "train": {"steps": steps, "seq_length": seq, "micro_batch_size": micro, "global_batch_size": batch,
+                      "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 32},
+            "optim": {"lr": lr, "min_lr_ratio": 0.0, "warmup_steps": warmup, "adam_beta1": 0.9, "adam_beta2": 0.95,
+                      "adam_eps": 1e-8, "weight_decay": wd, "clip_grad": 1.0},
+            "data": {"paths": [data], "split": "99,1,0", "tokenizer": tokenizer},
+        }
+
+    llama2 = {"kind": "sentencepiece", "path": "tokenizers/llama2/tokenizer.model"}
+    llama3 = {"kind": "huggingface", "path": "tokenizers/llama3/tokenizer.json"}
+    tp2 = {"tensor": 2, "sequence_parallel": True}
+    # llama2 1B: d 2048, 18 layers, 16 heads, FFN int(2·4d/3) rounded up to a multiple of 256
+    one_b = {"num_layers": 18, "hidden_size": 2048, "num_attention_heads": 16, "ffn_hidden_size": 5632,
+             "vocab_size": 32000, "max_seq_length": 512, "rope_base": 10000.0}
+    common = [
+        "SimpleNorm (methods.md §6): RMSNorm(W x) after every linear (q, k, v over their full widths, o, W_1, W_3,",
+        "W_2), no pre-norms, the final norm; eps 1e-5; init W_q,k,v,1 N(0, 0.02), W_o,2,3 N(0, 0.02/sqrt(2l)),",
+        "embedding N(0, 1), head std d^-1/2 cut at 3 sigma. AdamW (0.9, 0.95) with weight decay on every",
+        "parameter (norm weights too), clip 1.0. SimpleGPT decays the LR linearly to 0 after the warmup; our",
+        "schedule is cosine, here to 0 (optim.min_lr_ratio 0). Its toml files may differ from the paper's table",
+        "(its README); the batch is the toml's on 8 GPUs.",
+    ]
+    return [
+        _recipe("simplegpt_1b", "SimpleGPT 1B (llama2 1B shape): SimpleNorm, LR 2e-3",
+                recipe(one_b, {}, 200_000, 512, 16, 256, 2e-3, 2000, 0.1, llama2, "data/c4_llama2_train_text_document"),
+                [*common, "1B: LR 2e-3, 2000 warmup steps, 200K steps of 256 x 512 tokens (16 per GPU x 8 GPUs x 2",
+                 "accumulation), weight decay 0.1, the Llama 2 tokenizer. 8 GPUs: DP=8, distributed optimizer."]),
+        _recipe("simplegpt_llama2_7b", "SimpleGPT 7B (Llama 2 7B shape): SimpleNorm, LR 1e-3",
+                recipe({"preset": "7b", "max_seq_length": 2048}, tp2, 20_000, 2048, 4, 192, 1e-3, 200, 0.05, llama2,
+                       "data/c4_llama2_train_text_document"),
+                [*common, "7B: LR 1e-3, 200 warmup steps, 20K steps of 192 x 2048 tokens, weight decay 0.05.",
+                 "8 GPUs: TP=2 + SP, DP=4 with the distributed optimizer, 12 micro-batches of 4."]),
+        _recipe("simplegpt_llama3_8b", "SimpleGPT 8B (Llama 3 8B shape): SimpleNorm, LR 1e-3",
+                recipe({"preset": "llama3-8b", "max_seq_length": 2048}, tp2, 20_000, 2048, 2, 192, 1e-3, 200, 0.05,
+                       llama3, "data/c4_llama3_train_text_document"),
+                [*common, "8B: GQA with 8 KV groups, FFN 14336, RoPE base 5e5; LR 1e-3, 200 warmup steps, 20K steps of",
+                 "192 x 2048 tokens, weight decay 0.05, the Llama 3 tokenizer.",
+                 "8 GPUs: TP=2 + SP, DP=4 with the distributed optimizer, 24 micro-batches of 2."]),
     ]
 
 
