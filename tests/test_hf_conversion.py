@@ -82,10 +82,13 @@ MODELS = {
     "bhyt_gpas": (["norm.scheme=bhyt", "gpas.enabled=true"], "custom"),
     "bhyt_final": (["norm.scheme=bhyt", "norm.options.lambdas=[3.0, 3.0, 2.0]"], "custom"),
     "bhytstar": (["norm.scheme=bhytstar"], "custom"),
+    # SimpleNorm: an RMSNorm after every linear, no pre-norms (re-saved under PP2, imported back under TP2+SP)
+    "simplenorm_gpas": (["norm.scheme=simplenorm", "gpas.enabled=true", "norm.eps=1e-5"], "custom"),
 }
 LAYOUTS = (["parallel.tensor=2", "parallel.sequence_parallel=true"], ["parallel.pipeline=2"])
 ROUND_TRIPS = {"pre_gpas": LAYOUTS[0], "mixln_gpas": LAYOUTS[1], "sandwich_gpas_per_sublayer": LAYOUTS[0],
-               "lns_gpas": LAYOUTS[1], "osp_gpas": LAYOUTS[0], "dyt_gpas": LAYOUTS[1], "bhyt_gpas": LAYOUTS[0]}
+               "lns_gpas": LAYOUTS[1], "osp_gpas": LAYOUTS[0], "dyt_gpas": LAYOUTS[1], "bhyt_gpas": LAYOUTS[0],
+               "simplenorm_gpas": LAYOUTS[0]}
 
 
 def _overrides(ws: Path, name: str, *extra: str) -> list[str]:
