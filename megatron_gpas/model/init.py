@@ -9,7 +9,9 @@ seeded from (train.seed, its name),
                    linears in their construction order, then the scheme's own inits (DeepNorm's
                    β-init) — ``NormLayer`` builds the layer inside the stream
     output_layer   the LM head: the only other random init of a GPTModel chunk, so it draws from
-                   the stream the chunk's construction starts in (``build_model_chunks``)
+                   the stream the chunk's construction starts in (``build_model_chunks``); a
+                   scheme's own head init (``head_init_method``) redraws it in ("output_layer",
+                   "head_init")
     embedding_transform / head_transform   the schemes' modules after the embedding and before
                    the head (OSP's orthogonal projections)
 
