@@ -85,6 +85,7 @@ ZERO_GATE_VARIANTS = {
     "mixln": (["norm.scheme=mixln", "norm.mixln_post_layers=2"], [[], ["gpas.per_sublayer=true"]]),
     "lns_fixed": (["norm.scheme=lns", "norm.lns_mode=fixed"], [[], *PRE_POSITIONS]),
     "lns_init": (["norm.scheme=lns", "norm.lns_mode=init"], [[]]),
+    "simplenorm": (["norm.scheme=simplenorm"], [[], ["gpas.position=before_sublayer"], ["gpas.position=after_branch"]]),
 }
 
 
