@@ -270,7 +270,7 @@ def _loss_line(record: dict) -> str:
 def bench_arguments(phase: str, dry_run: bool) -> list[str]:
     from bench_schemes import DEFAULT_VARIANTS
 
-    fusions = ["pre~unfused"] if _bench_knows_unfused() else []
+    fusions = ["pre~unfused+gpas"] if _bench_knows_unfused() else []  # 3 models of 1.3B: 73 GB with Adam
     schemes = {"bench_1b": ["pre", *fusions], "bench_8b": ["pre"],
                "bench_norms": [v for v in DEFAULT_VARIANTS if v != "pre"]}[phase]
     gpas = "off" if phase == "bench_norms" else "both"
