@@ -14,7 +14,9 @@ exactly those assumptions so that Megatron-Core's own layers, schedules, DDP,
 * ``torch.cuda.current_device / device_count / synchronize / set_device`` answer
   for one virtual device; streams and events are no-op objects;
 * RNG: the CUDA generator calls used by Megatron's RNG tracker operate on the CPU
-  default generator, so the tracker's fork/restore semantics stay exact;
+  default generator, so the tracker's fork/restore semantics stay exact, and so do the
+  states activation recomputation (``tensor_parallel.checkpoint``, train.recompute) saves
+  in the forward and restores before recomputing;
 * ``Tensor.type()`` (no-argument form only) reports ``torch.cuda.*Tensor`` so the
   optimizer's dtype classification works; ``Tensor.type(dtype)`` is untouched.
 

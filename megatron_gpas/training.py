@@ -122,6 +122,9 @@ def check_memory(cfg: Config, world_size: int | None = None) -> str | None:
         gpu_memory = torch.cuda.get_device_properties(distributed.local_device_index()).total_memory
     else:
         return None
+    if planner.usable_bytes(gpu_memory) <= 0:
+        raise ConfigError(f"train.memory_check: {gpu_memory / planner.GIB:.2f} GiB of GPU memory leave nothing after the "
+                          f"{planner.MARGIN:.0%} margin and the {planner.RESERVE_GIB:g} GiB reserve the planner keeps free")
     if dist.is_initialized():  # the estimate builds the model on stand-in process groups of its own
         return None
     planned = copy.deepcopy(cfg)

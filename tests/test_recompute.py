@@ -323,6 +323,8 @@ def test_memory_check_says_what_fits(tmp_path, capsys):
     assert "[warn] train.memory_check: the estimated memory" in capsys.readouterr().out
     assert check_memory(load_config(None, MEMORY_BASE + ["train.gpu_memory_gib=3.46", "train.memory_check=skip"])) is None
     assert check_memory(load_config(None, MEMORY_BASE + ["train.gpu_memory_gib=80"]), world_size=1) is None
+    with pytest.raises(ConfigError, match="3.00 GiB of GPU memory leave nothing after the 10% margin"):
+        check_memory(load_config(None, MEMORY_BASE + ["train.gpu_memory_gib=3"]), world_size=1)
 
 
 def test_memory_check_stops_a_run_before_any_process_group(tmp_path):
