@@ -743,8 +743,22 @@ RECOMPUTE_METHODS = ("uniform", "block")
 RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 # "skip" rather than "off", which YAML reads as false
 MEMORY_CHECKS = ("error", "warn", "skip")
-_RECOMPUTE_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                       for f in fields(TrainConfig) if f.name.startswith("recompute_")}
+RECOMPUTE_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                      for f in fields(TrainConfig) if f.name.startswith("recompute_")}
+RECOMPUTE_KEYS = {"selective": ("recompute_modules",), "full": ("recompute_method", "recompute_num_layers")}
+
+
+def recompute_overrides(cfg: Config, level: str) -> list[str]:
+    """The overrides that switch ``cfg`` to recompute ``level``: train.recompute, and the keys of its
+    own level that ``level`` does not take back at their defaults (validation refuses them)."""
+    t = cfg.train
+    if level == t.recompute:
+        return []
+    out = [f"train.recompute={level}"]
+    for key, default in RECOMPUTE_DEFAULTS.items():
+        if getattr(t, key) != default and key not in RECOMPUTE_KEYS.get(level, ()):
+            out.append(f"train.{key}=" + (f"[{','.join(default)}]" if isinstance(default, list) else str(default)))
+    return out
 
 
 def _validate_recompute(cfg: Config) -> None:
@@ -754,10 +768,9 @@ def _validate_recompute(cfg: Config) -> None:
     t, p = cfg.train, cfg.parallel
     if t.recompute not in RECOMPUTE_LEVELS:
         raise ConfigError(f"train.recompute must be {', '.join(RECOMPUTE_LEVELS)}, got '{t.recompute}'")
-    uses = {"selective": ("recompute_modules",), "full": ("recompute_method", "recompute_num_layers")}
-    for key, default in _RECOMPUTE_DEFAULTS.items():
-        if getattr(t, key) != default and key not in uses.get(t.recompute, ()):
-            level = next(level for level, keys in uses.items() if key in keys)
+    for key, default in RECOMPUTE_DEFAULTS.items():
+        if getattr(t, key) != default and key not in RECOMPUTE_KEYS.get(t.recompute, ()):
+            level = next(level for level, keys in RECOMPUTE_KEYS.items() if key in keys)
             raise ConfigError(f"train.{key} applies to train.recompute={level}, but train.recompute is "
                               f"'{t.recompute}'")
     if t.recompute == "selective":

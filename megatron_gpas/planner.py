@@ -37,8 +37,9 @@ Per-GPU memory (bytes), P = the parameters one GPU holds (its pipeline stage, it
     /t with SP). Full keeps only the input of each group of ``recompute_num_layers`` layers,
     2·sbh (/t with SP), and holds one group's activations but one layer's while the group is
     recomputed (one layer's transient is left out, as in the paper); block keeps the inputs of
-    its first ``recompute_num_layers`` layers and everything of the others. The last stage adds the final norm and LM head inputs (2·sbh
-    each, /t with SP) and the logits, s·b·V/t in BF16 plus fp32 for the cross entropy (6 bytes).
+    its first ``recompute_num_layers`` layers and everything of the others.
+    The last stage adds the final norm and LM head inputs (2·sbh each, /t with SP) and the
+    logits, s·b·V/t in BF16 plus fp32 for the cross entropy (6 bytes).
     FP32 runs store 4-byte activations: twice all of this (logits: 8 bytes).
     In-flight micro-batches (1F1B): pipeline rank i holds min(p − i, m) micro-batches' worth;
     interleaved with v chunks, Megatron's warm-up 2·(p − i − 1) + (v − 1)·p + 1 chunks (rank 0:
@@ -70,7 +71,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from megatron_gpas.config import Config, ConfigError, head_dim, padded_vocab_size
+from megatron_gpas.config import Config, ConfigError, head_dim, padded_vocab_size, recompute_overrides
 from megatron_gpas.metrics import PEAK_BF16_TFLOPS, flops_per_token
 from megatron_gpas.model.inventory import ParameterCount, count_parameters
 
@@ -236,7 +237,7 @@ class Layout:
     distributed_optimizer: bool
     recompute: str
     memory_gib: float  # the heaviest stage, without reserve
-    config_recompute: str = "none"  # the config's train.recompute (the overrides name a different one)
+    recompute_switch: list[str] = field(default_factory=list)  # overrides from the config's train.recompute to this one
     stage_memory_gib: list[dict] = field(default_factory=list)
     mfu: float = 0.0
     tokens_per_s: float = 0.0
@@ -248,13 +249,11 @@ class Layout:
                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
                f"train.micro_batch_size={self.micro_batch}"]
-        if self.recompute != self.config_recompute:
-            out.append(f"train.recompute={self.recompute}")
-        return out
+        return out + self.recompute_switch
 
     @property
     def note(self) -> str:
-        return "" if self.recompute == self.config_recompute else f"needs train.recompute={self.recompute}"
+        return f"with train.recompute={self.recompute}" if self.recompute_switch else ""
 
 
 def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
@@ -284,7 +283,8 @@ def evaluate_layout(cfg: Config, world_size: int, count: ParameterCount, recompu
     return Layout(
         tensor=p.tensor, pipeline=p.pipeline, data=dp, micro_batch=t.micro_batch_size,
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
-        recompute=recompute, memory_gib=max(s.total for s in stages) / GIB, config_recompute=t.recompute,
+        recompute=recompute, memory_gib=max(s.total for s in stages) / GIB,
+        recompute_switch=recompute_overrides(cfg, recompute),
         stage_memory_gib=[{"stage": s.stage, "parameters": s.parameters, "in_flight": s.in_flight,
                            **{k: getattr(s, k) / GIB for k in PARTS}} for s in stages],
         mfu=mfu, tokens_per_s=mfu * peak_flops * world_size / flops_per_token(cfg), efficiencies=eff,
@@ -391,7 +391,7 @@ def memory_shortfall(cfg: Config, world_size: int, gpu_memory: float,
             break
     for level in RECOMPUTE[RECOMPUTE.index(t.recompute) + 1:]:
         if (total := _heaviest(with_recompute(cfg, level), count, world_size).total) <= budget:
-            options.append(f"train.recompute={level} ({total / GIB:.2f} GiB, about "
+            options.append(f"{' '.join(recompute_overrides(cfg, level))} ({total / GIB:.2f} GiB, about "
                            f"{1 - RECOMPUTE_EFFICIENCY[level]:.0%} slower)")
             break
     lines.append("would fit: " + " or ".join(options) if options else

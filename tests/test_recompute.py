@@ -24,7 +24,7 @@ from synthetic import synthetic_run_overrides
 from test_parallel import (ALPHA_ATOL, ALPHA_RTOL, GATE_NORM_RTOL, LOSS_ATOL, LOSS_RTOL, NORM_ATOL, NORM_RTOL, _close,
                            _launch, _mismatches)
 
-from megatron_gpas.config import ConfigError, load_config
+from megatron_gpas.config import ConfigError, load_config, recompute_overrides
 from megatron_gpas.model.inventory import count_parameters
 from megatron_gpas.validation import validate
 
@@ -283,9 +283,16 @@ def test_planner_reads_train_recompute():
     small_vocab = load_config(None, base + ["model.vocab_size=512"])  # the logits do not dominate
     layouts = planner.search(small_vocab, 1, planner.parse_memory("0.05GB"), 1e15, reserve_gib=0)
     needing = [l for l in layouts if l.recompute != "none"]
-    assert needing and all(l.note == f"needs train.recompute={l.recompute}" and
+    assert needing and all(l.note == f"with train.recompute={l.recompute}" and
                            f"train.recompute={l.recompute}" in l.overrides for l in needing)
     assert all(not any(o.startswith("train.recompute") for o in l.overrides) for l in layouts if l.recompute == "none")
+    # switching away from a level resets its own keys, so that the overrides validate
+    grouped = load_config(None, base + [*FULL, "train.recompute_num_layers=2"])
+    for level, switch in (("none", ["train.recompute=none", "train.recompute_num_layers=1"]),
+                          ("selective", ["train.recompute=selective", "train.recompute_num_layers=1"]), ("full", [])):
+        assert recompute_overrides(grouped, level) == switch
+        validate(load_config(None, base + [*FULL, "train.recompute_num_layers=2", *switch]), world_size=1,
+                 check_files=False, require_data=False)
 
 
 MEMORY_BASE = ["model.preset=tiny", "model.vocab_size=512", "train.seq_length=512", "train.micro_batch_size=8", "train.global_batch_size=8",
