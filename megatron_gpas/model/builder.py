@@ -158,6 +158,9 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
         if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:
             attach_head_transform(model, transform)
         chunks.append(model)
-    if torch.cuda.is_available():  # built on the CPU (use_cpu_initialization); used where the GPU is
+    # built on the CPU (use_cpu_initialization); used where the GPU is. A meta-device build (parameter
+    # counts, the trainer's memory check) stays where it is: meta tensors cannot be copied
+    on_meta = any(param.is_meta for chunk in chunks for param in chunk.parameters())
+    if torch.cuda.is_available() and not on_meta:
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks
