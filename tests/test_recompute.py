@@ -73,6 +73,10 @@ def single(workspace) -> dict:
         {"name": "none", "kind": "train", "probe_recompute": True, "overrides": _overrides(ws, "none")},
         *[{"name": name, "kind": "train", "probe_recompute": True, "overrides": _overrides(ws, name, *extra)}
           for name, extra in RECOMPUTE.items()],
+        # Megatron's DotProductAttention, whose s x s scores core_attn recompute drops
+        *[{"name": name, "kind": "train", "probe_recompute": True,
+           "overrides": _overrides(ws, name, "model.attention=megatron", *extra)}
+          for name, extra in (("megatron_none", []), ("megatron_core_attn", ["train.recompute=selective"]))],
     ]
     return _launch(ws, "recompute_single", 1, cases, timeout=300)[0]["cases"]
 
@@ -119,6 +123,19 @@ def test_recompute_trains_bitwise_like_no_recompute(mode, single):
     again when recomputed) too."""
     assert _numbers(single[mode]) == _numbers(single["none"])
     assert _variances(single[mode]) == _variances(single["none"]) and len(_variances(single["none"])) == STEPS
+
+
+def test_core_attn_recompute_drops_the_attention_scores(single):
+    """model.attention=megatron materialises the s x s scores; with core_attn recomputed (Megatron's
+    default module) they are not kept: bitwise the same training, and the bytes saved in the forward
+    fall by at least the softmax probabilities (a·s²·b fp32 per layer and micro-batch). Its
+    recomputation allocates on "cuda" inside the checkpoint, which the CPU runtime maps."""
+    plain, recomputed = single["megatron_none"], single["megatron_core_attn"]
+    assert _numbers(recomputed) == _numbers(plain)
+    assert recomputed["probe"]["calls"]["core_attention"] == 2 * plain["probe"]["calls"]["core_attention"]
+    heads, s, b, mb = 4, 64, 2, 4
+    probabilities = heads * s * s * b * 4 * NUM_LAYERS * mb
+    assert plain["probe"]["saved_bytes"] - recomputed["probe"]["saved_bytes"] >= probabilities
 
 
 def _problems(run: list[dict], ref: list[dict]) -> list[str]:
