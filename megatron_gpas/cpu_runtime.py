@@ -16,7 +16,7 @@ exactly those assumptions so that Megatron-Core's own layers, schedules, DDP,
 * RNG: the CUDA generator calls used by Megatron's RNG tracker operate on the CPU
   default generator, so the tracker's fork/restore semantics stay exact, and so do the
   states activation recomputation (``tensor_parallel.checkpoint``, train.recompute) saves
-  in the forward and restores before recomputing (and the device mapping below is put back
+  in the forward and restores before recomputing (and the CUDA-to-CPU device mapping is put back
   inside those checkpoints, where a function mode is otherwise off);
 * ``Tensor.type()`` (no-argument form only) reports ``torch.cuda.*Tensor`` so the
   optimizer's dtype classification works; ``Tensor.type(dtype)`` is untouched.
