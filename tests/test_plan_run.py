@@ -203,7 +203,8 @@ def test_search_takes_the_cheapest_recompute_that_fits():
     by_mb = {l.micro_batch: l for l in layouts}
     assert len(by_mb) == len(layouts)  # DP = 1: no distributed-optimizer twin
     assert {mb: l.recompute for mb, l in by_mb.items()} == {1: "none", 2: "none", 4: "selective", 8: "full"}
-    assert by_mb[8].note == "would need recompute=full" and by_mb[2].note == ""
+    assert by_mb[8].note == "with train.recompute=full" and by_mb[2].note == ""
+    assert by_mb[8].overrides[-1] == "train.recompute=full" and not any("recompute" in o for o in by_mb[2].overrides)
     assert by_mb[8] is layouts[-1]  # full recomputation costs a third: last
 
 
