@@ -28,8 +28,9 @@ Per-GPU memory (bytes), P = the parameters one GPU holds (its pipeline stage, it
             Q 2·sbq, K and V 2·sb·kv each, attention output (proj input) 2·sbq  = sb·(4q + 4kv)
             fc1 output (gate and up, 2f wide) 4·sbf, SwiGLU output (fc2 input) 2·sbf = 6·sbf
             attention scores: softmax output 2·a·s²·b (no dropout: no mask, no dropout output,
-            so 2 of the paper's 5·a·s²·b) on the ``local`` backend, which materialises them;
-            none on ``te`` (fused/flash attention keeps no s² tensor).
+            so 2 of the paper's 5·a·s²·b) with ``model.attention=megatron`` on the ``local``
+            backend (DotProductAttention materialises them); none with the default ``sdpa`` or on
+            ``te`` (fused/flash attention keeps no s² tensor, only a·s·b softmax statistics).
     With GeLU (6f→4f), q = kv = h and the paper's dropout terms back this is exactly 34 + 5as/h.
     Recomputation (``train.recompute``, Megatron-Core's): selective drops what its modules
     (``train.recompute_modules``) would keep: core_attn the s² term, mlp the fc1 and SwiGLU
@@ -120,7 +121,7 @@ def activation_bytes_per_layer(cfg: Config, micro_batch: int, recompute: str = "
     q, kv = m.num_attention_heads * d, (m.num_query_groups or m.num_attention_heads) * d
     replicated = 8 * s * b * h - (4 * s * b * h if "layernorm" in modules else 0)
     split = s * b * (4 * q + 4 * kv + (0 if "mlp" in modules else 6 * m.ffn_hidden_size))
-    if "core_attn" not in modules and m.backend != "te":
+    if "core_attn" not in modules and m.backend != "te" and m.attention == "megatron":
         split += 2 * m.num_attention_heads * s * s * b
     return width * ((replicated / (t if sp else 1)) + split / t)
 

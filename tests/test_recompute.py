@@ -272,7 +272,9 @@ def test_recompute_maps_onto_megatron_fields():
 def test_planner_reads_train_recompute():
     from megatron_gpas import planner
 
-    base = ["model.preset=tiny", "train.seq_length=512", "train.micro_batch_size=4", "train.global_batch_size=8"]
+    # Megatron's DotProductAttention: the one attention that keeps the s² scores core_attn recomputes
+    base = ["model.preset=tiny", "train.seq_length=512", "train.micro_batch_size=4", "train.global_batch_size=8",
+            "model.attention=megatron"]
     cfg = load_config(None, base)
     count = count_parameters(cfg)
 
@@ -312,8 +314,8 @@ def test_planner_reads_train_recompute():
                  check_files=False, require_data=False)
 
 
-MEMORY_BASE = ["model.preset=tiny", "model.vocab_size=512", "train.seq_length=512", "train.micro_batch_size=8", "train.global_batch_size=8",
-               "train.precision=fp32"]
+MEMORY_BASE = ["model.preset=tiny", "model.vocab_size=512", "train.seq_length=512", "train.micro_batch_size=8",
+               "train.global_batch_size=8", "train.precision=fp32", "model.attention=megatron"]
 
 
 def test_memory_check_says_what_fits(tmp_path, capsys):

@@ -31,7 +31,8 @@ ASSUMPTIONS = [
     "optimizer: Adam 12 B/param (fp32 master + 2 moments; FP32 runs 8), Muon 4 B momentum + master for "
     "its 2-D matrices, Adam for the rest; distributed optimizer divides it by DP",
     "activations/layer/micro-batch (Korthikanti 2022, adapted to SwiGLU+GQA, no dropout): "
-    "8sbh (/t with SP) + sb(4q+4kv+6f)/t + 2as^2b/t (local backend only; te = flash: 0); "
+    "8sbh (/t with SP) + sb(4q+4kv+6f)/t + 2as^2b/t (model.attention=megatron on local only; sdpa and te "
+    "keep none); "
     "train.recompute: selective drops its modules' terms (core_attn s^2, mlp 6sbf/t, layernorm 4sbh), "
     "full keeps 2sbh (/t with SP) per group of recompute_num_layers (+ one group being recomputed; block: "
     "the first N layers)",
@@ -57,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
     parser.add_argument("--json", metavar="OUT", help="also write the plan as JSON")
     args = parser.parse_args(argv)
+    from megatron_gpas import console
+
+    console.configure(verbose=False)  # the meta-device builds' library warnings are noise here
     try:
         plan = make_plan(args)
     except ConfigError as e:
