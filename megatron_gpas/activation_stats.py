@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.utils import unwrap_model
 
 
@@ -25,7 +26,10 @@ class LayerInputVariance:
 
     def _hook(self, index: int):
         def record(module, args, kwargs):
-            if not self.active:
+            # full recompute (train.recompute=full) runs a layer twice: in the forward under no_grad
+            # and again in the backward with grad enabled, both inside Megatron's checkpoint; the
+            # second run sees the same input and is not counted again
+            if not self.active or (is_checkpointing() and torch.is_grad_enabled()):
                 return
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             x = x.detach().double()

@@ -91,6 +91,9 @@ class ParallelConfig:
     sequence_parallel: bool = False
     distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
+    # all-gather the distributed optimizer's updated parameters during the next forward (bucket by
+    # bucket) instead of right after the step; needs distributed_optimizer and overlap_grad_reduce
+    overlap_param_gather: bool = False
 
 
 @dataclass
@@ -116,6 +119,17 @@ class TrainConfig:
     # last loss_spike_window applied steps' losses; 0 = off
     loss_spike_factor: float = 0.0
     loss_spike_window: int = 50
+    # activation recomputation (Megatron-Core's own): none | selective (recompute_modules inside each
+    # layer) | full (whole layers, keeping only their inputs; recompute_method and recompute_num_layers)
+    recompute: str = "none"
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective: core_attn, mlp, layernorm
+    recompute_method: str = "uniform"  # full: uniform (groups of recompute_num_layers) | block (the first N layers)
+    recompute_num_layers: int = 1  # full: layers per group (uniform) or layers recomputed per model chunk (block)
+    # before the model is built, the planner's memory estimate per GPU against the GPU's memory:
+    # error | warn | skip. warn by default: the estimate is analytical (docs/planning.md), not yet
+    # calibrated against measured peaks, so it may refuse a run that fits
+    memory_check: str = "warn"
+    gpu_memory_gib: float = 0.0  # the GPU memory the check assumes; 0 = the device's own (no check on CPU)
 
 
 @dataclass
@@ -521,6 +535,8 @@ KEY_RANGES: list[tuple[str, Any, str]] = [
     # a factor <= 1 would skip every step whose loss is above the running mean
     ("train.loss_spike_factor", lambda v: v == 0 or v > 1, "0 (off) or > 1"),
     ("train.loss_spike_window", _at_least(1), ">= 1"),
+    ("train.recompute_num_layers", _at_least(1), ">= 1"),
+    ("train.gpu_memory_gib", _at_least(0), ">= 0 (0 = the device's own memory)"),
     ("optim.lr", _positive, "positive"),
     ("optim.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("optim.adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -661,6 +677,13 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
         need(micro % p.pipeline == 0,
              f"interleaved pipelining needs the number of microbatches ({micro}) to be a multiple of "
              f"parallel.pipeline ({p.pipeline})")
+    need(not p.overlap_param_gather or (p.distributed_optimizer and p.overlap_grad_reduce),
+         "parallel.overlap_param_gather needs parallel.distributed_optimizer=true and "
+         "parallel.overlap_grad_reduce=true (it overlaps the distributed optimizer's parameter all-gather, "
+         "as Megatron-LM allows it only with both)")
+    _validate_recompute(cfg)
+    need(t.memory_check in MEMORY_CHECKS,
+         f"train.memory_check must be {', '.join(MEMORY_CHECKS)}, got '{t.memory_check}'")
 
     # optimizer (the single-key ranges are in KEY_RANGES)
     need(o.decay_steps is None or o.decay_steps > 0,
@@ -712,6 +735,67 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
         if d.tokenizer.merges_path is not None:
             need(os.path.isfile(d.tokenizer.merges_path),
                  f"tokenizer merges file not found: data.tokenizer.merges_path = {d.tokenizer.merges_path!r}")
+
+
+RECOMPUTE_LEVELS = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
+# Megatron-Core's selective modules that exist in our dense layer (the others are MoE/MLA/GDN parts)
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
+# "skip" rather than "off", which YAML reads as false
+MEMORY_CHECKS = ("error", "warn", "skip")
+RECOMPUTE_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                      for f in fields(TrainConfig) if f.name.startswith("recompute_")}
+RECOMPUTE_KEYS = {"selective": ("recompute_modules",), "full": ("recompute_method", "recompute_num_layers")}
+
+
+def recompute_overrides(cfg: Config, level: str) -> list[str]:
+    """The overrides that switch ``cfg`` to recompute ``level``: train.recompute, and the keys of its
+    own level that ``level`` does not take back at their defaults (validation refuses them)."""
+    t = cfg.train
+    if level == t.recompute:
+        return []
+    out = [f"train.recompute={level}"]
+    for key, default in RECOMPUTE_DEFAULTS.items():
+        if getattr(t, key) != default and key not in RECOMPUTE_KEYS.get(level, ()):
+            out.append(f"train.{key}=" + (f"[{','.join(default)}]" if isinstance(default, list) else str(default)))
+    return out
+
+
+def _validate_recompute(cfg: Config) -> None:
+    """train.recompute and its keys, by Megatron-Core's rules (TransformerConfig would refuse the
+    same things only once the process groups run) plus ours: a key of another level is an error
+    rather than ignored."""
+    t, p = cfg.train, cfg.parallel
+    if t.recompute not in RECOMPUTE_LEVELS:
+        raise ConfigError(f"train.recompute must be {', '.join(RECOMPUTE_LEVELS)}, got '{t.recompute}'")
+    for key, default in RECOMPUTE_DEFAULTS.items():
+        if getattr(t, key) != default and key not in RECOMPUTE_KEYS.get(t.recompute, ()):
+            level = next(level for level, keys in RECOMPUTE_KEYS.items() if key in keys)
+            raise ConfigError(f"train.{key} applies to train.recompute={level}, but train.recompute is "
+                              f"'{t.recompute}'")
+    if t.recompute == "selective":
+        unknown = [m for m in t.recompute_modules if m not in RECOMPUTE_MODULES]
+        if unknown or not t.recompute_modules or len(set(t.recompute_modules)) != len(t.recompute_modules):
+            raise ConfigError(f"train.recompute_modules must be distinct names out of {', '.join(RECOMPUTE_MODULES)} "
+                              f"(Megatron-Core's modules of a dense layer), got {t.recompute_modules}")
+        if "layernorm" in t.recompute_modules and t.fp8 is not None:
+            raise ConfigError("train.recompute_modules=layernorm with train.fp8: Megatron-Core recomputes FP8 norms only "
+                              "with Transformer Engine's non-delayed recipes; leave layernorm out")
+    if t.recompute == "full":
+        if t.recompute_method not in RECOMPUTE_METHODS:
+            raise ConfigError(f"train.recompute_method must be {' or '.join(RECOMPUTE_METHODS)}, "
+                              f"got '{t.recompute_method}'")
+        # Megatron's TransformerBlock counts recompute layers per model chunk (pipeline stage, or
+        # virtual stage with interleaving)
+        per_chunk = cfg.model.num_layers // (p.pipeline * p.virtual_pipeline)
+        n = t.recompute_num_layers
+        if n > per_chunk:
+            raise ConfigError(f"train.recompute_num_layers ({n}) exceeds the layers per model chunk ({per_chunk}: "
+                              f"model.num_layers / (parallel.pipeline × parallel.virtual_pipeline))")
+        if t.recompute_method == "uniform" and per_chunk % n:
+            raise ConfigError(f"train.recompute_num_layers ({n}) must divide the layers per model chunk ({per_chunk}) "
+                              f"with train.recompute_method=uniform (equal groups); it can be "
+                              f"{', '.join(map(str, divisors(per_chunk)))}")
 
 
 def check_vocab_padding(cfg: Config, saved: dict) -> None:

@@ -14,7 +14,10 @@ exactly those assumptions so that Megatron-Core's own layers, schedules, DDP,
 * ``torch.cuda.current_device / device_count / synchronize / set_device`` answer
   for one virtual device; streams and events are no-op objects;
 * RNG: the CUDA generator calls used by Megatron's RNG tracker operate on the CPU
-  default generator, so the tracker's fork/restore semantics stay exact;
+  default generator, so the tracker's fork/restore semantics stay exact, and so do the
+  states activation recomputation (``tensor_parallel.checkpoint``, train.recompute) saves
+  in the forward and restores before recomputing (and the CUDA-to-CPU device mapping is put back
+  inside those checkpoints, where a function mode is otherwise off);
 * ``Tensor.type()`` (no-argument form only) reports ``torch.cuda.*Tensor`` so the
   optimizer's dtype classification works; ``Tensor.type(dtype)`` is untouched.
 
@@ -33,6 +36,7 @@ logs once, and does nothing on a CUDA machine.  Limits:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -126,6 +130,31 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
     return _original_tensor_type(self, dtype, non_blocking, **kwargs)
 
 
+def _in_cpu_mode(function):
+    """``function`` run with the CUDA-to-CPU function mode on the stack."""
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with _CudaToCpu():
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+def _bridge_activation_checkpoints(mc_random) -> None:
+    """Megatron's activation checkpoints (train.recompute) run the checkpointed layers inside a
+    custom autograd Function, and again in the backward. A torch function mode is off the stack
+    while it handles a call (``Function.apply`` and ``backward`` included), so hard-coded
+    ``device="cuda"`` allocations in there (e.g. DotProductAttention's causal mask) would reach
+    CUDA: the mode is put back around them."""
+    for cls, names in ((mc_random.CheckpointFunction, ("forward", "backward")),
+                       (mc_random.CheckpointWithoutOutputFunction, ("forward",))):
+        for name in names:
+            setattr(cls, name, staticmethod(_in_cpu_mode(getattr(cls, name))))
+    # CheckpointWithoutOutput recomputes in a gradient hook, inside the backward
+    mc_random.CheckpointWithoutOutput._recompute = _in_cpu_mode(mc_random.CheckpointWithoutOutput._recompute)
+
+
 def activate(force: bool = False) -> bool:
     """Install the CPU bridge if CUDA is unavailable (or ``force``). Returns whether active."""
     global _ACTIVE
@@ -168,6 +197,7 @@ def activate(force: bool = False) -> bool:
         torch.get_rng_state().clone() if clone else torch.get_rng_state()
     )
     mc_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    _bridge_activation_checkpoints(mc_random)
 
     _CudaToCpu().__enter__()  # stays on the function-mode stack for the process
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

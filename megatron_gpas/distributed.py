@@ -28,6 +28,11 @@ def launch_rank() -> int:
     return _env_int("RANK", "SLURM_PROCID", default=0)
 
 
+def local_device_index() -> int:
+    """The GPU this process uses (LOCAL_RANK, else SLURM_LOCALID; modulo the visible GPUs)."""
+    return _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0) % max(1, torch.cuda.device_count())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -46,11 +51,9 @@ def init_distributed(cfg: Config) -> torch.device:
         cpu_runtime.activate()
     rank = launch_rank()
     world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if not on_cpu:
         # srun --gpus-per-task=1 (or a cgroup per task) shows each rank only its own GPU
-        local_rank %= torch.cuda.device_count()
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(local_device_index())
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -72,7 +75,7 @@ def init_distributed(cfg: Config) -> torch.device:
         virtual_pipeline_model_parallel_size=p.virtual_pipeline if p.virtual_pipeline > 1 else None,
     )
     seed_everything(cfg.train.seed)
-    return torch.device("cpu") if on_cpu else torch.device("cuda", local_rank)
+    return torch.device("cpu") if on_cpu else torch.device("cuda", local_device_index())
 
 
 def seed_everything(seed: int) -> None:

@@ -28,12 +28,19 @@ Per-GPU memory (bytes), P = the parameters one GPU holds (its pipeline stage, it
             Q 2·sbq, K and V 2·sb·kv each, attention output (proj input) 2·sbq  = sb·(4q + 4kv)
             fc1 output (gate and up, 2f wide) 4·sbf, SwiGLU output (fc2 input) 2·sbf = 6·sbf
             attention scores: softmax output 2·a·s²·b (no dropout: no mask, no dropout output,
-            so 2 of the paper's 5·a·s²·b) on the ``local`` backend, which materialises them;
-            none on ``te`` (fused/flash attention keeps no s² tensor).
+            so 2 of the paper's 5·a·s²·b) with ``model.attention=megatron`` on the ``local``
+            backend (DotProductAttention materialises them); none with the default ``sdpa`` or on
+            ``te`` (fused/flash attention keeps no s² tensor, only a·s·b softmax statistics).
     With GeLU (6f→4f), q = kv = h and the paper's dropout terms back this is exactly 34 + 5as/h.
-    Selective recomputation drops the s² term; full recomputation keeps only each layer's
-    input, 2·sbh (/t with SP). The last stage adds the final norm and LM head inputs (2·sbh
-    each, /t with SP) and the logits, s·b·V/t in BF16 plus fp32 for the cross entropy (6 bytes).
+    Recomputation (``train.recompute``, Megatron-Core's): selective drops what its modules
+    (``train.recompute_modules``) would keep: core_attn the s² term, mlp the fc1 and SwiGLU
+    outputs (6·sbf/t; its input stays), layernorm the norm outputs (the QKV and fc1 inputs, 4·sbh,
+    /t with SP). Full keeps only the input of each group of ``recompute_num_layers`` layers,
+    2·sbh (/t with SP), and holds one group's activations but one layer's while the group is
+    recomputed (one layer's transient is left out, as in the paper); block keeps the inputs of
+    its first ``recompute_num_layers`` layers and everything of the others.
+    The last stage adds the final norm and LM head inputs (2·sbh each, /t with SP) and the
+    logits, s·b·V/t in BF16 plus fp32 for the cross entropy (6 bytes).
     FP32 runs store 4-byte activations: twice all of this (logits: 8 bytes).
     In-flight micro-batches (1F1B): pipeline rank i holds min(p − i, m) micro-batches' worth;
     interleaved with v chunks, Megatron's warm-up 2·(p − i − 1) + (v − 1)·p + 1 chunks (rank 0:
@@ -65,7 +72,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from megatron_gpas.config import Config, ConfigError, head_dim, padded_vocab_size
+from megatron_gpas.config import Config, ConfigError, head_dim, padded_vocab_size, recompute_overrides
 from megatron_gpas.metrics import PEAK_BF16_TFLOPS, flops_per_token
 from megatron_gpas.model.inventory import ParameterCount, count_parameters
 
@@ -101,20 +108,39 @@ def legacy_flops_per_token(total_parameters: int) -> float:
 
 
 def activation_bytes_per_layer(cfg: Config, micro_batch: int, recompute: str = "none") -> float:
-    """One layer's stored activations for one micro-batch on one GPU (module docstring)."""
+    """One layer's stored activations for one micro-batch on one GPU (module docstring); selective
+    recomputes ``train.recompute_modules``, full stands for one layer's kept input."""
     m, p = cfg.model, cfg.parallel
     s, b, h, t = cfg.train.seq_length, micro_batch, m.hidden_size, p.tensor
     sp = p.sequence_parallel and t > 1
     width = 1 if bf16_run(cfg) else 2  # the formula counts 2-byte activations; FP32 runs store 4
     if recompute == "full":
         return width * 2 * s * b * h / (t if sp else 1)
+    modules = cfg.train.recompute_modules if recompute == "selective" else ()
     d = head_dim(m)
     q, kv = m.num_attention_heads * d, (m.num_query_groups or m.num_attention_heads) * d
-    replicated = 8 * s * b * h
-    split = s * b * (4 * q + 4 * kv + 6 * m.ffn_hidden_size)
-    if recompute == "none" and m.backend != "te":
+    replicated = 8 * s * b * h - (4 * s * b * h if "layernorm" in modules else 0)
+    split = s * b * (4 * q + 4 * kv + (0 if "mlp" in modules else 6 * m.ffn_hidden_size))
+    if "core_attn" not in modules and m.backend != "te" and m.attention == "megatron":
         split += 2 * m.num_attention_heads * s * s * b
     return width * ((replicated / (t if sp else 1)) + split / t)
+
+
+def chunk_activation_bytes(cfg: Config, micro_batch: int, recompute: str, layers: int, in_flight: int) -> float:
+    """The activations a model chunk of ``layers`` layers holds at its peak with ``in_flight``
+    micro-batches' worth stored. Full recompute follows train.recompute_method and
+    recompute_num_layers when the config asks for full, else Megatron's uniform groups of 1."""
+    if recompute != "full":
+        return in_flight * layers * activation_bytes_per_layer(cfg, micro_batch, recompute)
+    t = cfg.train
+    method, n = (t.recompute_method, t.recompute_num_layers) if t.recompute == "full" else ("uniform", 1)
+    kept = activation_bytes_per_layer(cfg, micro_batch, "full")
+    whole = activation_bytes_per_layer(cfg, micro_batch, "none")
+    if method == "block":
+        n = min(n, layers)
+        return in_flight * (n * kept + (layers - n) * whole)
+    # the group being recomputed in the backward holds n layers' activations (one is not counted, as for n = 1)
+    return in_flight * math.ceil(layers / n) * kept + (n - 1) * whole
 
 
 def last_stage_extra_bytes(cfg: Config, micro_batch: int) -> float:
@@ -151,10 +177,13 @@ class StageMemory:
         return self.weights + self.gradients + self.optimizer + self.activations
 
 
-def memory_per_gpu(cfg: Config, count: ParameterCount, world_size: int, recompute: str = "none") -> list[StageMemory]:
+def memory_per_gpu(cfg: Config, count: ParameterCount, world_size: int,
+                   recompute: str | None = None) -> list[StageMemory]:
     """Per-GPU memory of each pipeline stage on ``world_size`` GPUs (one TP rank; the ranks of a
-    stage hold equal shares up to replicated norms). Formulas in the module docstring."""
+    stage hold equal shares up to replicated norms), with ``recompute`` (default: the config's
+    train.recompute). Formulas in the module docstring."""
     p, t = cfg.parallel, cfg.train
+    recompute = t.recompute if recompute is None else recompute
     dp = world_size // (p.tensor * p.pipeline)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     bf16 = bf16_run(cfg)
@@ -171,7 +200,7 @@ def memory_per_gpu(cfg: Config, count: ParameterCount, world_size: int, recomput
         if p.distributed_optimizer:
             state /= dp
         chunks = in_flight_chunks(p.pipeline, p.virtual_pipeline, st.stage, microbatches)
-        acts = chunks * layers_per_chunk * activation_bytes_per_layer(cfg, t.micro_batch_size, recompute)
+        acts = chunk_activation_bytes(cfg, t.micro_batch_size, recompute, layers_per_chunk, chunks)
         if st.head:
             acts += last_stage_extra_bytes(cfg, t.micro_batch_size)
         out.append(StageMemory(stage=st.stage, parameters=n, weights=(2 if bf16 else 4) * n,
@@ -209,6 +238,7 @@ class Layout:
     distributed_optimizer: bool
     recompute: str
     memory_gib: float  # the heaviest stage, without reserve
+    recompute_switch: list[str] = field(default_factory=list)  # overrides from the config's train.recompute to this one
     stage_memory_gib: list[dict] = field(default_factory=list)
     mfu: float = 0.0
     tokens_per_s: float = 0.0
@@ -220,12 +250,11 @@ class Layout:
                f"parallel.sequence_parallel={str(self.sequence_parallel).lower()}",
                f"parallel.distributed_optimizer={str(self.distributed_optimizer).lower()}",
                f"train.micro_batch_size={self.micro_batch}"]
-        return out
+        return out + self.recompute_switch
 
     @property
     def note(self) -> str:
-        # train.recompute is not a config key yet (issue #12, item 5)
-        return "" if self.recompute == "none" else f"would need recompute={self.recompute}"
+        return f"with train.recompute={self.recompute}" if self.recompute_switch else ""
 
 
 def _powers_of_two_dividing(n: int, limit: int) -> list[int]:
@@ -256,6 +285,7 @@ def evaluate_layout(cfg: Config, world_size: int, count: ParameterCount, recompu
         tensor=p.tensor, pipeline=p.pipeline, data=dp, micro_batch=t.micro_batch_size,
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.distributed_optimizer,
         recompute=recompute, memory_gib=max(s.total for s in stages) / GIB,
+        recompute_switch=recompute_overrides(cfg, recompute),
         stage_memory_gib=[{"stage": s.stage, "parameters": s.parameters, "in_flight": s.in_flight,
                            **{k: getattr(s, k) / GIB for k in PARTS}} for s in stages],
         mfu=mfu, tokens_per_s=mfu * peak_flops * world_size / flops_per_token(cfg), efficiencies=eff,
@@ -313,3 +343,58 @@ def peak_flops_of(gpu: str) -> float:
         if key.upper() == gpu.upper():
             return PEAK_BF16_TFLOPS[key] * 1e12
     raise ConfigError(f"--gpu: unknown GPU {gpu!r}; known: {', '.join(PEAK_BF16_TFLOPS)}")
+
+
+# --------------------------------------------------------------------------- the trainer's check
+
+
+def _heaviest(cfg: Config, count: ParameterCount, world_size: int) -> StageMemory:
+    return max(memory_per_gpu(cfg, count, world_size), key=lambda s: s.total)
+
+
+def with_recompute(cfg: Config, level: str) -> Config:
+    """``cfg`` at recompute ``level`` (a level it does not ask for takes Megatron's defaults)."""
+    c = copy.deepcopy(cfg)
+    if level != c.train.recompute:
+        defaults = type(c.train)()
+        for key in ("recompute_modules", "recompute_method", "recompute_num_layers"):
+            setattr(c.train, key, getattr(defaults, key))
+        c.train.recompute = level
+    return c
+
+
+def memory_shortfall(cfg: Config, world_size: int, gpu_memory: float,
+                     reserve_gib: float = RESERVE_GIB) -> str | None:
+    """None if the config's layout fits ``gpu_memory`` (the planner's estimate of its heaviest
+    stage within ``usable_bytes``), else what it needs (the breakdown) and what would fit: the
+    largest smaller micro-batch at its recompute level, and the cheapest higher recompute level
+    at its micro-batch. Builds the model on the meta device (no process group may run yet)."""
+    from megatron_gpas.config import data_parallel_size, divisors
+
+    count = count_parameters(cfg)
+    budget = usable_bytes(gpu_memory, reserve_gib)
+    worst = _heaviest(cfg, count, world_size)
+    if worst.total <= budget:
+        return None
+    t = cfg.train
+    parts = ", ".join(f"{name} {getattr(worst, name) / GIB:.2f}" for name in PARTS[:-1])
+    lines = [f"the estimated memory per GPU, {worst.total / GIB:.2f} GiB (pipeline stage {worst.stage}: {parts} GiB; "
+             f"micro-batch {t.micro_batch_size}, train.recompute={t.recompute}), exceeds the "
+             f"{budget / GIB:.2f} GiB usable of {gpu_memory / GIB:.2f} GiB (less a {MARGIN:.0%} margin and "
+             f"{reserve_gib:g} GiB reserve; docs/planning.md)"]
+    options = []
+    per_replica = t.global_batch_size // data_parallel_size(cfg, world_size)
+    for mb in sorted((d for d in divisors(per_replica) if d < t.micro_batch_size), reverse=True):
+        c = copy.deepcopy(cfg)
+        c.train.micro_batch_size = mb
+        if (total := _heaviest(c, count, world_size).total) <= budget:
+            options.append(f"train.micro_batch_size={mb} ({total / GIB:.2f} GiB)")
+            break
+    for level in RECOMPUTE[RECOMPUTE.index(t.recompute) + 1:]:
+        if (total := _heaviest(with_recompute(cfg, level), count, world_size).total) <= budget:
+            options.append(f"{' '.join(recompute_overrides(cfg, level))} ({total / GIB:.2f} GiB, about "
+                           f"{1 - RECOMPUTE_EFFICIENCY[level]:.0%} slower)")
+            break
+    lines.append("would fit: " + " or ".join(options) if options else
+                 "no smaller micro-batch or recompute level fits: more GPUs (tools/plan_run.py searches layouts)")
+    return "; ".join(lines)

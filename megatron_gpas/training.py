@@ -10,6 +10,8 @@ optimizer step (Adam, or Muon + Adam: optim.optimizer) and the LR schedule.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
 import logging
@@ -30,7 +32,8 @@ from megatron.core.utils import unwrap_model
 from megatron_gpas import checkpoint, distributed, exit_codes, run_folder
 from megatron_gpas.activation_stats import LayerInputVariance
 from megatron_gpas.checkpoint_paths import NonFiniteWeightsError, pretrained_checkpoint
-from megatron_gpas.config import Config, ConfigError, config_from_tree, data_parallel_size, padded_vocab_size, save_config
+from megatron_gpas.config import (Config, ConfigError, config_from_tree, data_parallel_size, padded_vocab_size, save_config,
+                                  world_size_from_env)
 from megatron_gpas.data.datasets import (
     build_datasets,
     build_loader,
@@ -89,6 +92,7 @@ def check_before_start(cfg: Config, pretraining_data: bool = True, world_size: i
     runs them alone); returns the run's tokenizer. ``pretraining_data``: the run reads the indexed
     datasets of data.paths (not data a caller supplies)."""
     validate(cfg, world_size)
+    check_memory(cfg, world_size)
     tokenizer = load_run_tokenizer(cfg)
     if pretraining_data:
         if cfg.sft.train_files:
@@ -103,6 +107,40 @@ def check_before_start(cfg: Config, pretraining_data: bool = True, world_size: i
     return tokenizer
 
 
+def check_memory(cfg: Config, world_size: int | None = None) -> str | None:
+    """train.memory_check: the planner's per-GPU estimate of this layout against the GPU's memory
+    (train.gpu_memory_gib, else the device's; no check on CPU without the key), before the model is
+    built. Too little is a ConfigError (error) or a warning on rank 0 (warn); returns the shortfall."""
+    from megatron_gpas import planner
+
+    t = cfg.train
+    if t.memory_check == "skip":
+        return None
+    if t.gpu_memory_gib > 0:
+        gpu_memory = t.gpu_memory_gib * planner.GIB
+    elif torch.cuda.is_available():
+        gpu_memory = torch.cuda.get_device_properties(distributed.local_device_index()).total_memory
+    else:
+        return None
+    if planner.usable_bytes(gpu_memory) <= 0:
+        raise ConfigError(f"train.memory_check: {gpu_memory / planner.GIB:.2f} GiB of GPU memory leave nothing after the "
+                          f"{planner.MARGIN:.0%} margin and the {planner.RESERVE_GIB:g} GiB reserve the planner keeps free")
+    if dist.is_initialized():  # the estimate builds the model on stand-in process groups of its own
+        return None
+    planned = copy.deepcopy(cfg)
+    if t.precision == "auto":  # the precision this run will have, which the estimate depends on
+        planned.train.precision = "bf16" if torch.cuda.is_available() else "fp32"
+    shortfall = planner.memory_shortfall(planned, world_size_from_env() if world_size is None else world_size,
+                                         gpu_memory)
+    if shortfall is None:
+        return None
+    if t.memory_check == "error":
+        raise ConfigError(f"train.memory_check: {shortfall}. To start anyway, set train.memory_check=warn")
+    if distributed.launch_rank() == 0:
+        print(f"[warn] train.memory_check: {shortfall}", flush=True)
+    return shortfall
+
+
 def wrap_for_training(cfg: Config, chunks, model_config, *, on_cpu: bool, bf16: bool):
     """(DDP-wrapped chunks on their device, the config DDP and the schedules read): the latter is
     ``model_config`` with the scheme's residual-stream width (pipeline stages exchange that)."""
@@ -115,12 +153,40 @@ def wrap_for_training(cfg: Config, chunks, model_config, *, on_cpu: bool, bf16: 
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+        # DDP then all-gathers the updated parameters in forward pre-hooks of the next step, bucket
+        # by bucket, instead of in the optimizer step; see params_synced for reads outside a forward
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
     wrapped = [DistributedDataParallel(model_config, ddp_config, chunk, disable_bucketing=i > 0)
                for i, chunk in enumerate(chunks)]
     for chunk in wrapped:
         chunk.broadcast_params()
     return wrapped, model_config
+
+
+def sync_params(model) -> None:
+    """Complete the parameter all-gather now (parallel.overlap_param_gather defers it to the next
+    forward's pre-hooks, so until then each rank's parameters outside its own shard are stale);
+    a no-op without the overlap."""
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):
+            with torch.no_grad():
+                chunk.start_param_sync(force_sync=True)
+
+
+@contextlib.contextmanager
+def params_synced(model):
+    """Evaluation and checkpoint saves with parallel.overlap_param_gather, as Megatron-LM's training
+    loop does them: the forward pre-hooks off and the parameters gathered synchronously first (a save
+    would otherwise write stale shards), the hooks back on afterwards."""
+    hooked = [chunk for chunk in model if getattr(chunk, "use_forward_hook", False)]
+    for chunk in hooked:
+        chunk.disable_forward_pre_hook(param_sync=True)
+    try:
+        yield
+    finally:
+        for chunk in hooked:
+            chunk.enable_forward_pre_hook()
 
 
 def wire_schedules(cfg: Config, model_config, model, optimizer):
@@ -448,11 +514,12 @@ class Trainer:
         iterator = self._iterators(dataset, 0)
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         interrupted = False
-        for _ in range(num_batches):
-            if interruptible and self.stop.agreed(self.device):
-                interrupted = True
-                break
-            totals += self._loss_totals(self._run_schedule(iterator, forward_only=True))
+        with params_synced(self.model):
+            for _ in range(num_batches):
+                if interruptible and self.stop.agreed(self.device):
+                    interrupted = True
+                    break
+                totals += self._loss_totals(self._run_schedule(iterator, forward_only=True))
         for chunk in self.model:
             chunk.train()
         if interrupted:
@@ -467,6 +534,7 @@ class Trainer:
         if not self.cfg.gpas.enabled:
             return None
         width = 2 if self.cfg.gpas.per_sublayer else 1
+        sync_params(self.model)  # the gates this rank does not update are gathered in the next forward
         values = torch.zeros(2, self.cfg.model.num_layers, width, dtype=torch.float64, device=self.device)
         for chunk in self.model:
             for layer in unwrap_model(chunk).decoder.layers:
@@ -512,9 +580,10 @@ class Trainer:
         root = self.cfg.checkpoint.save
         watch = Stopwatch()
         try:
-            path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
-                                   {"step": self.step, "consumed_train_samples": self.consumed_train_samples,
-                                    **self.divergence.state_dict()})
+            with params_synced(self.model):
+                path = checkpoint.save(self.cfg, root, self.step, self.model, self.optimizer, self.scheduler,
+                                       {"step": self.step, "consumed_train_samples": self.consumed_train_samples,
+                                        **self.divergence.state_dict()})
         except NonFiniteWeightsError as e:
             raise Diverged(f"step {self.step}: {e}; no checkpoint was written") from e
         seconds = watch.lap()

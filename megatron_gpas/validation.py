@@ -15,7 +15,7 @@ from megatron_gpas.checkpoint_paths import (CheckpointError, checkpoint_step, ex
                                             pretrained_checkpoint)
 from megatron_gpas.config import Config, ConfigError, head_dim, padded_vocab_size, rank_from_env, validate_settings
 from megatron_gpas.model.gpas import ACTIVATIONS, fixed_gate_values
-from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES
+from megatron_gpas.model.schemes import GATE_POSITIONS, SCHEMES, Scheme
 from megatron_gpas.optim import validate_optimizer
 
 
@@ -24,6 +24,7 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
     ``require_data=False``: the run reads no training data (e.g. a checkpoint import)."""
     _validate_network(cfg)
     SCHEMES[cfg.norm.scheme].validate(cfg)
+    _validate_with_network(cfg)
     validate_settings(cfg, world_size, check_files, require_data)
     validate_optimizer(cfg)
     if cfg.model.backend == "te":
@@ -36,6 +37,23 @@ def validate(cfg: Config, world_size: int | None = None, check_files: bool = Tru
         if cfg.checkpoint.pretrained is not None:
             pretrained_checkpoint(cfg.checkpoint.pretrained)
         _validate_checkpoint_dirs(cfg)
+
+
+def _validate_with_network(cfg: Config) -> None:
+    """Run options whose validity depends on the scheme or GPAS placement."""
+    t, g = cfg.train, cfg.gpas
+    if t.recompute == "selective" and "layernorm" in t.recompute_modules and g.enabled \
+            and g.position == "before_sublayer":
+        raise ConfigError(
+            "train.recompute_modules=layernorm with gpas.position=before_sublayer: the norm slot then returns "
+            "(normed, gated residual), and Megatron-Core's norm recompute frees every output of the norm, the "
+            "residual the add still needs included. Leave layernorm out or choose another gpas.position")
+    scheme = SCHEMES[cfg.norm.scheme]
+    if cfg.parallel.overlap_param_gather and type(scheme).before_step is not Scheme.before_step:
+        raise ConfigError(
+            f"parallel.overlap_param_gather with norm.scheme={cfg.norm.scheme}: the scheme reads the weights before "
+            "a step (its before_step hook), when with the overlap only this rank's shard of them is up to date "
+            "(the rest is gathered during the forward); set parallel.overlap_param_gather=false")
 
 
 def _validate_checkpoint_dirs(cfg: Config) -> None:

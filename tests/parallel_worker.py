@@ -19,7 +19,9 @@ Kinds:
   audit        build a Trainer (no training) and record the sequence-parallel audit and layer structure
   import_hf    import a Hugging Face directory as a checkpoint (tools/convert_from_hf.py's path)
 
-Options of ``train`` cases (tests/test_parallel_schemes.py): ``checksums`` adds per-step
+Options of ``train`` cases: ``probe_recompute`` records, for the first step, the forward calls of
+each layer part and the bytes autograd saved during the forward (tests/test_recompute.py);
+(tests/test_parallel_schemes.py): ``checksums`` adds per-step
 parameter checksums to the records (and the post-load ones as ``start_checksums``);
 ``structure`` records each layer's scheme configuration as built, before any checkpoint
 is loaded (so e.g. LNS' 1/√l norm-weight init is still visible).
@@ -81,6 +83,50 @@ def _record_steps(trainer: Trainer, checksums: dict | None = None) -> list[dict]
 
     trainer.train_step = train_step
     return records
+
+
+# the parts of a layer whose forward calls the recompute probe counts (attribute paths in NormLayer)
+PROBED = {"layer": "", "core_attention": "self_attention.core_attention", "mlp": "mlp",
+          "input_layernorm": "input_layernorm"}
+
+
+def _probe_first_step(trainer: Trainer) -> dict:
+    """Wrap the (already wrapped) train_step so its first call counts the forward calls of each
+    PROBED part of this rank's layers and the bytes of the tensors autograd saves outside the
+    backward (a recomputation inside the backward saves more, but only for the moment)."""
+    from megatron.core.utils import unwrap_model
+
+    probe = {"calls": dict.fromkeys(PROBED, 0), "saved_bytes": 0, "layers": 0}
+    handles = []
+    for chunk in trainer.model:
+        for layer in unwrap_model(chunk).decoder.layers:
+            probe["layers"] += 1
+            for name, path in PROBED.items():
+                module = layer.get_submodule(path)
+
+                def count(*_, name=name):
+                    probe["calls"][name] += 1
+
+                handles.append(module.register_forward_pre_hook(count))
+
+    def pack(tensor):
+        if torch._C._current_graph_task_id() == -1:  # not inside a backward pass
+            probe["saved_bytes"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    original = trainer.train_step
+
+    def first_step(iterator):
+        trainer.train_step = original
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                return original(iterator)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    trainer.train_step = first_step
+    return probe
 
 
 def _checksum(param: torch.Tensor, initial: dict) -> list:
@@ -260,6 +306,8 @@ def run_train(case: dict) -> dict:
             out["start_checksums"] = _param_checksums(trainer)
         trainer.measure_post_clip = True
         out["records"] = _record_steps(trainer, checksums=initial)
+        if case.get("probe_recompute"):
+            out["probe"] = _probe_first_step(trainer)
         summary = trainer.train()
         out["summary"] = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
                           for k, v in summary.items()}

@@ -48,13 +48,20 @@ def test_dry_run_passes_and_writes_the_report(dry_run):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["passed"] and report["environment"]["dry_run"]
-    assert [p["phase"] for p in report["phases"]] == ["train", "bench_1b", "bench_8b", "bench_norms"]
+    phases = ["train", "bench_1b", "bench_8b", "memory", "bench_norms"]
+    assert [p["phase"] for p in report["phases"]] == phases
     assert all(p["status"] == "ok" for p in report["phases"])
-    for phase in ("train", "bench_1b", "bench_8b", "bench_norms"):
+    for phase in phases:
         assert (out / f"{phase}.log").stat().st_size > 0
     markdown = (out / "report.md").read_text()
-    for heading in ("## Targets", "## Phases", "## Training steps", "## bench_1b", "## bench_8b", "## bench_norms"):
+    for heading in ("## Targets", "## Phases", "## Training steps", "## bench_1b", "## bench_8b", "## bench_norms",
+                    "## Memory"):
         assert heading in markdown
+    # the memory phase: one model, the planner's estimate by part (the measured peak needs a GPU)
+    (memory,) = report["memory"]
+    assert memory["passed"] and "peak_memory_gib" not in memory
+    plan = memory["planned_memory_gib"]
+    assert plan["total"] == pytest.approx(sum(plan[p] for p in ("weights", "gradients", "optimizer", "activations")))
 
 
 def test_every_scheme_trains_with_and_without_gpas(dry_run):

@@ -95,13 +95,14 @@ def test_llama3_8b_count_and_flops():
 
 
 def test_memory_formula_against_a_hand_computation():
-    """TP=2 + SP, PP=2, DP=2 (8 GPUs), Adam BF16 with the distributed optimizer, local backend."""
+    """TP=2 + SP, PP=2, DP=2 (8 GPUs), Adam BF16 with the distributed optimizer, local backend with
+    Megatron's DotProductAttention (the one attention that keeps the s² scores)."""
     L, h, a, g, f, V, s, b = 4, 64, 4, 2, 172, 32000, 128, 2
     cfg = load_config(None, [f"model.num_layers={L}", f"model.hidden_size={h}", f"model.num_attention_heads={a}",
                              f"model.num_query_groups={g}", f"model.ffn_hidden_size={f}", f"model.vocab_size={V}",
                              f"train.seq_length={s}", f"train.micro_batch_size={b}", "train.global_batch_size=16",
                              "parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true",
-                             "parallel.distributed_optimizer=true"])
+                             "parallel.distributed_optimizer=true", "model.attention=megatron"])
     t, dp, d = 2, 2, h // a
     # parameters of one TP rank: matrices split in two, RMSNorm weights whole; vocabulary 32000 = 125 × 256
     layer = (h * (a + 2 * g) * d + a * d * h + 3 * h * f) // t + 2 * h
@@ -198,12 +199,13 @@ def test_search_takes_the_cheapest_recompute_that_fits():
     """One GPU, 51 MiB: micro-batch 2 fits as it is, 4 only without the s² scores (selective),
     8 only with full recomputation (a small vocabulary, so that the logits do not dominate)."""
     cfg = load_config(None, ["model.preset=tiny", "model.vocab_size=512", "train.seq_length=512",
-                             "train.global_batch_size=8"])
+                             "train.global_batch_size=8", "model.attention=megatron"])
     layouts = planner.search(cfg, 1, planner.parse_memory("0.05GB"), 1e15, reserve_gib=0)
     by_mb = {l.micro_batch: l for l in layouts}
     assert len(by_mb) == len(layouts)  # DP = 1: no distributed-optimizer twin
     assert {mb: l.recompute for mb, l in by_mb.items()} == {1: "none", 2: "none", 4: "selective", 8: "full"}
-    assert by_mb[8].note == "would need recompute=full" and by_mb[2].note == ""
+    assert by_mb[8].note == "with train.recompute=full" and by_mb[2].note == ""
+    assert by_mb[8].overrides[-1] == "train.recompute=full" and not any("recompute" in o for o in by_mb[2].overrides)
     assert by_mb[8] is layouts[-1]  # full recomputation costs a third: last
 
 
@@ -266,11 +268,17 @@ def test_cli_input_errors(capsys):
 
 
 def test_transformer_engine_layouts_are_planned_without_transformer_engine():
-    """backend=te keeps no s² scores (fused attention); the plan needs no TE on the planning machine."""
-    local = load_config(None, TINY + ["train.global_batch_size=8"])
+    """backend=te keeps no s² scores (fused attention), nor does the local backend's default SDPA;
+    the plan needs no TE on the planning machine."""
+    local = load_config(None, TINY + ["train.global_batch_size=8", "model.attention=megatron"])
+    sdpa = load_config(None, TINY + ["train.global_batch_size=8"])
     te = load_config(None, TINY + ["train.global_batch_size=8", "model.backend=te"])
     assert planner.activation_bytes_per_layer(te, 2) == planner.activation_bytes_per_layer(local, 2, "selective")
+    assert planner.activation_bytes_per_layer(sdpa, 2) == planner.activation_bytes_per_layer(te, 2)
     assert planner.activation_bytes_per_layer(te, 2) < planner.activation_bytes_per_layer(local, 2)
+    s, b, a = sdpa.train.seq_length, 2, sdpa.model.num_attention_heads  # the difference is the scores, 2·a·s²·b bytes in BF16
+    assert planner.activation_bytes_per_layer(local, b) - planner.activation_bytes_per_layer(sdpa, b) == \
+        pytest.approx(2 * a * s * s * b * (1 if planner.bf16_run(local) else 2))
     assert len(planner.search(te, 4, planner.parse_memory("80GB"), 1e15)) == \
         len(planner.search(local, 4, planner.parse_memory("80GB"), 1e15))
 

@@ -19,7 +19,7 @@ grows, so it is reported once). The first ``--warmup`` steps of each variant are
 A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam),
 ``@layernorm`` (norm.kind=layernorm) and/or ``:megatron`` (model.attention=megatron: Megatron's
 DotProductAttention instead of the default fused SDPA), e.g. ``osp+muon``, ``pre:megatron``;
-``--gpas both`` adds each one with GPAS.
+``--gpas both`` adds each one with GPAS; a variant ending in ``+gpas`` is run with GPAS only.
 """
 
 from __future__ import annotations
@@ -159,7 +159,11 @@ def measure(args: argparse.Namespace) -> dict:
             f"train.global_batch_size={mbs * args.micro_batches}", "train.steps=1000000", "optim.lr=1e-4",
             "data.tokenizer.kind='null'", *args.overrides]
     gpas_modes = {"off": [False], "on": [True], "both": [False, True]}[args.gpas]
-    names = [("pre", False)] + [(v, g) for v in args.schemes for g in gpas_modes if (v, g) != ("pre", False)]
+    names = [("pre", False)]
+    for v in args.schemes:  # "VARIANT+gpas" asks for that variant with GPAS only, whatever --gpas says
+        for pair in [(v.removesuffix("+gpas"), True)] if v.endswith("+gpas") else [(v, g) for g in gpas_modes]:
+            if pair not in names:
+                names.append(pair)
 
     configs = {}
     for variant, gpas in names:

@@ -31,8 +31,11 @@ ASSUMPTIONS = [
     "optimizer: Adam 12 B/param (fp32 master + 2 moments; FP32 runs 8), Muon 4 B momentum + master for "
     "its 2-D matrices, Adam for the rest; distributed optimizer divides it by DP",
     "activations/layer/micro-batch (Korthikanti 2022, adapted to SwiGLU+GQA, no dropout): "
-    "8sbh (/t with SP) + sb(4q+4kv+6f)/t + 2as^2b/t (local backend only; te = flash: 0); "
-    "selective recompute drops the s^2 term, full keeps 2sbh (/t with SP)",
+    "8sbh (/t with SP) + sb(4q+4kv+6f)/t + 2as^2b/t (model.attention=megatron on local only; sdpa and te "
+    "keep none); "
+    "train.recompute: selective drops its modules' terms (core_attn s^2, mlp 6sbf/t, layernorm 4sbh), "
+    "full keeps 2sbh (/t with SP) per group of recompute_num_layers (+ one group being recomputed; block: "
+    "the first N layers)",
     "last stage: + 4sbh (/t with SP) + 6sbV/t (logits BF16 + fp32 cross entropy); FP32 runs: activations x2",
     "pipeline: rank i holds min(p-i, m) micro-batches (1F1B); interleaved: Megatron's warm-up count",
     f"fits: peak stage <= GPU memory x (1 - {planner.MARGIN}) - reserve ({planner.RESERVE_GIB} GiB by default) "
@@ -55,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
     parser.add_argument("--json", metavar="OUT", help="also write the plan as JSON")
     args = parser.parse_args(argv)
+    from megatron_gpas import console
+
+    console.configure(verbose=False)  # the meta-device builds' library warnings are noise here
     try:
         plan = make_plan(args)
     except ConfigError as e:
@@ -109,12 +115,13 @@ def make_plan(args) -> dict:
         for recompute in planner.RECOMPUTE:
             layout = planner.evaluate_layout(cfg, world, count, recompute, peak)
             plan["config_layout"][recompute] = asdict_layout(layout)
+            mark = "*" if recompute == cfg.train.recompute else ""  # the config's train.recompute
             for s in layout.stage_memory_gib:
-                print(f"  {recompute:<10} {s['stage']:>5} {s['weights']:>8.2f} {s['gradients']:>8.2f} "
+                print(f"  {recompute + mark:<10} {s['stage']:>5} {s['weights']:>8.2f} {s['gradients']:>8.2f} "
                       f"{s['optimizer']:>8.2f} {s['activations']:>8.2f} {s['total']:>8.2f}")
+        print(f"  (* train.recompute={cfg.train.recompute}, the config's)")
     else:
         print(f"\n(the config's layout TP={p.tensor} x PP={p.pipeline} does not divide {world} GPUs: only the search)")
-
     layouts = planner.search(cfg, world, gpu_memory, peak, reserve_gib=args.reserve_gib)
     plan["layouts"] = [asdict_layout(layout) for layout in layouts]
     print(f"\n{len(layouts)} layouts of {world} x {args.gpu_mem} GPUs ({args.gpu}) validate and fit "

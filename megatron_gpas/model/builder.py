@@ -69,12 +69,26 @@ def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerC
         gradient_accumulation_fusion=use_te,
         persist_layer_norm=False,
         attention_softmax_in_fp32=True,
+        **recompute_fields(cfg),
     )
     fields.update(get_scheme(cfg).transformer_config_overrides(cfg))
     # the word embedding draws from a stream of its own (model/init.py), with the scheme's std
     fields["embedding_init_method"] = seeded_init_method(init_method_normal(fields["embedding_init_method_std"]),
                                                          cfg.train.seed, "embedding")
     return TransformerConfig(**fields)
+
+
+def recompute_fields(cfg: Config) -> dict:
+    """train.recompute as Megatron-Core's TransformerConfig fields: selective checkpoints the named
+    modules inside every layer; full checkpoints whole layers in TransformerBlock (uniform: groups
+    of recompute_num_layers; block: the first recompute_num_layers of each model chunk)."""
+    t = cfg.train
+    if t.recompute == "selective":
+        return {"recompute_granularity": "selective", "recompute_modules": list(t.recompute_modules)}
+    if t.recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": t.recompute_method,
+                "recompute_num_layers": t.recompute_num_layers}
+    return {}
 
 
 def schedule_config(cfg: Config, config: TransformerConfig) -> TransformerConfig:
@@ -148,6 +162,9 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
         if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:
             attach_head_transform(model, transform)
         chunks.append(model)
-    if torch.cuda.is_available():  # built on the CPU (use_cpu_initialization); used where the GPU is
+    # built on the CPU (use_cpu_initialization); used where the GPU is. A meta-device build (parameter
+    # counts, the trainer's memory check) stays where it is: meta tensors cannot be copied
+    on_meta = any(param.is_meta for chunk in chunks for param in chunk.parameters())
+    if torch.cuda.is_available() and not on_meta:
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     return chunks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from megatron.core.tensor_parallel import random as mc_random
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megatron_gpas.config import Config
@@ -9,6 +10,26 @@ from megatron_gpas.model.gpas import GPASGate, fixed_gate_values
 from megatron_gpas.model.init import init_stream
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.sublayer import ResidualAdd
+
+
+def _checkpoint_without_output_needs_no_te() -> None:
+    """Megatron-Core 0.19.2 sets ``CheckpointWithoutOutput.fp8 = fp8 is not None``, True for its
+    default ``fp8=False``, and then asks Transformer Engine's FP8 state, which is not imported without
+    TE: the selective ``layernorm`` recompute dies with a NameError. Without TE there is no FP8."""
+    cls = mc_random.CheckpointWithoutOutput
+    if mc_random.HAVE_TE or getattr(cls, "_fp8_off_without_te", False):
+        return
+    init = cls.__init__
+
+    def init_without_fp8(self, fp8=False):
+        init(self, fp8)
+        self.fp8 = False
+
+    cls.__init__ = init_without_fp8
+    cls._fp8_off_without_te = True
+
+
+_checkpoint_without_output_needs_no_te()
 
 
 class NormLayer(TransformerLayer):
@@ -44,6 +65,23 @@ class NormLayer(TransformerLayer):
         self.run_cfg = cfg  # the run's config, for the scheme's later work on this layer (e.g. buffers)
         self.scheme = get_scheme(cfg)
         self.scheme.configure_layer(self, cfg)
+        self._check_norm_recompute()
+
+    def _check_norm_recompute(self):
+        """Megatron's selective ``layernorm`` recompute frees the norm slot's outputs after use. A
+        deferred slot (Post-LN: the norm runs after the add) is the identity, whose output is its
+        input, the residual itself: nothing to recompute, and freeing it would destroy the residual.
+        A slot that returns (normed, residual) would lose the residual the add needs (refused by
+        validation; this guards other callers)."""
+        for norm, flag in ((self.input_layernorm, "recompute_input_layernorm"),
+                           (self.pre_mlp_layernorm, "recompute_pre_mlp_layernorm")):
+            if not getattr(self, flag):
+                continue
+            if getattr(norm, "deferred", False):
+                setattr(self, flag, False)
+            elif getattr(norm, "gate_position", None) == "before_sublayer":
+                raise ValueError(f"layer {self.layer_number}: layernorm recompute cannot keep the residual that "
+                                 "the norm slot returns with gpas.position=before_sublayer")
 
     def sublayers(self):
         """(index, norm slot, residual slot) for attention (0) and MLP (1)."""
