@@ -69,15 +69,16 @@ class NormLayer(TransformerLayer):
 
     def _check_norm_recompute(self):
         """Megatron's selective ``layernorm`` recompute frees the norm slot's outputs after use. A
-        deferred slot (Post-LN: the norm runs after the add) is the identity, whose output is its
-        input, the residual itself: nothing to recompute, and freeing it would destroy the residual.
+        deferred slot (Post-LN: the norm runs after the add) or an empty one (``identity``: SimpleNorm)
+        is the identity, whose output is its input, the residual itself: nothing to recompute, and
+        freeing it would destroy the residual.
         A slot that returns (normed, residual) would lose the residual the add needs (refused by
         validation; this guards other callers)."""
         for norm, flag in ((self.input_layernorm, "recompute_input_layernorm"),
                            (self.pre_mlp_layernorm, "recompute_pre_mlp_layernorm")):
             if not getattr(self, flag):
                 continue
-            if getattr(norm, "deferred", False):
+            if getattr(norm, "deferred", False) or getattr(norm, "identity", False):
                 setattr(self, flag, False)
             elif getattr(norm, "gate_position", None) == "before_sublayer":
                 raise ValueError(f"layer {self.layer_number}: layernorm recompute cannot keep the residual that "

@@ -43,6 +43,8 @@ from megatron_gpas.model.schemes.base import ExportPlan, Scheme, pre_norm
 class NoNorm(nn.Module):
     """The empty pre-norm slot: y = x (the slot still hosts GPAS' ``before_sublayer`` gate)."""
 
+    identity = True  # its output is its input: nothing for a norm recompute to free (NormLayer)
+
     def __init__(self, config, hidden_size: int, eps: float = 1e-6):
         super().__init__()
 
