@@ -135,13 +135,14 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr × min_lr_ratio
+    min_lr_ratio: float = 0.1  # the decay ends at lr × min_lr_ratio
     warmup_steps: int = 0
     decay_steps: int | None = None  # None = train.steps
+    decay_style: str = "cosine"  # cosine | linear: from lr after the warmup to lr × min_lr_ratio at decay_steps
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    weight_decay: float = 0.0  # 1-D params (norm weights, gates) never decay
+    weight_decay: float = 0.0  # 1-D params (norm weights, gates) never decay, unless the scheme decays all (simplenorm)
     clip_grad: float = 0.0  # global L2 clip over all parameters, gates included; 0 = off
     # adam | muon: Muon on the 2-D hidden matrices, Adam (the keys above) on the rest (docs/muon.md)
     optimizer: str = "adam"

@@ -48,6 +48,7 @@ from megatron_gpas.model.schemes import get_scheme
 
 ADAM, MUON = "adam", "muon"
 OPTIMIZERS = (ADAM, MUON)
+DECAY_STYLES = ("cosine", "linear")  # Megatron's OptimizerParamScheduler styles offered by optim.decay_style
 # A parameter attribute that forces its optimizer ("adam" or "muon"), e.g. set by a
 # normalization scheme; without it the rule of ``optimizer_route`` decides.
 ROUTE_ATTR = "optimizer_route"
@@ -82,6 +83,8 @@ def validate_optimizer(cfg: Config) -> None:
 
     need(o.optimizer in OPTIMIZERS, f"optim.optimizer must be one of {', '.join(OPTIMIZERS)}, got '{o.optimizer}'")
     need(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    need(o.decay_style in DECAY_STYLES,
+         f"optim.decay_style must be one of {', '.join(DECAY_STYLES)}, got '{o.decay_style}'")
     # the Muon keys are checked whatever the optimizer, so a typo never waits for the switch
     need(o.muon_lr is None or o.muon_lr > 0, f"optim.muon_lr must be positive (or null = optim.lr), got {o.muon_lr}")
     need(o.muon_weight_decay is None or o.muon_weight_decay >= 0,
@@ -281,7 +284,7 @@ def build_optimizer(cfg: Config, model_chunks, *, bf16: bool):
         min_lr=o.lr * o.min_lr_ratio,
         lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=o.decay_steps or cfg.train.steps,
-        lr_decay_style="cosine",
+        lr_decay_style=o.decay_style,
         start_wd=o.weight_decay,
         end_wd=o.weight_decay,
         wd_incr_steps=cfg.train.steps,
@@ -297,7 +300,7 @@ def lr_schedule(cfg: Config) -> dict[str, float]:
     """The LR schedule a config asks for, keyed by the config keys that set it."""
     o = cfg.optim
     return {"optim.lr": o.lr, "optim.min_lr_ratio": o.min_lr_ratio, "optim.warmup_steps": o.warmup_steps,
-            "optim.decay_steps (else train.steps)": o.decay_steps or cfg.train.steps}
+            "optim.decay_steps (else train.steps)": o.decay_steps or cfg.train.steps, "optim.decay_style": o.decay_style}
 
 
 # Parameter-group values that come from the LR/WD schedule (optim.lr, min_lr_ratio, weight decay)

@@ -274,6 +274,34 @@ def test_weight_decay_on_every_parameter_but_the_gates(megatron_env):
     assert pre["decoder.final_layernorm.weight"] == 0.0
 
 
+def test_linear_decay_schedule(megatron_env):
+    """SimpleGPT's schedule, optim.decay_style=linear: linear warmup from 0, then linear decay to
+    lr × min_lr_ratio at train.steps (here 2 warmup steps, 10 steps, ratio 0.1)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_gpas.optim import build_optimizer
+
+    cfg = _cfg("optim.decay_style=linear", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.min_lr_ratio=0.1",
+               "train.steps=10")
+    model = _build(cfg)
+    optimizer, scheduler = build_optimizer(cfg, [DistributedDataParallel(model.config, DistributedDataParallelConfig(),
+                                                                         model)], bf16=False)
+    lrs = []
+    for _ in range(10):
+        scheduler.step(1)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    want = [1e-3 * n / 2 if n <= 2 else 1e-3 * (0.1 + 0.9 * (10 - n) / 8) for n in range(1, 11)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+
+
+def test_decay_style_is_checked():
+    from megatron_gpas.config import ConfigError
+    from megatron_gpas.validation import validate
+
+    with pytest.raises(ConfigError, match="optim.decay_style must be one of cosine, linear, got 'step'"):
+        validate(_cfg("optim.decay_style=step", "data.paths=[x]"), world_size=1, check_files=False)
+
+
 # =========================================================================== TP=2: sharded-width statistics
 
 

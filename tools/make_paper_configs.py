@@ -371,8 +371,8 @@ def _simplegpt_recipes() -> list[tuple[str, str]]:
                          **parallel},
             "train": {"steps": steps, "seq_length": seq, "micro_batch_size": micro, "global_batch_size": batch,
                       "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 32},
-            "optim": {"lr": lr, "min_lr_ratio": 0.0, "warmup_steps": warmup, "adam_beta1": 0.9, "adam_beta2": 0.95,
-                      "adam_eps": 1e-8, "weight_decay": wd, "clip_grad": 1.0},
+            "optim": {"lr": lr, "min_lr_ratio": 0.0, "warmup_steps": warmup, "decay_style": "linear",
+                      "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "weight_decay": wd, "clip_grad": 1.0},
             "data": {"paths": [data], "split": "99,1,0", "tokenizer": tokenizer},
         }
 
@@ -386,9 +386,8 @@ def _simplegpt_recipes() -> list[tuple[str, str]]:
         "SimpleNorm (methods.md §6): RMSNorm(W x) after every linear (q, k, v over their full widths, o, W_1, W_3,",
         "W_2), no pre-norms, the final norm; eps 1e-5; init W_q,k,v,1 N(0, 0.02), W_o,2,3 N(0, 0.02/sqrt(2l)),",
         "embedding N(0, 1), head std d^-1/2 cut at 3 sigma. AdamW (0.9, 0.95) with weight decay on every",
-        "parameter (norm weights too), clip 1.0. SimpleGPT decays the LR linearly to 0 after the warmup; our",
-        "schedule is cosine, here to 0 (optim.min_lr_ratio 0). Its toml files may differ from the paper's table",
-        "(its README); the batch is the toml's on 8 GPUs.",
+        "parameter (norm weights too), clip 1.0, linear warmup then linear decay to 0. Its toml files may",
+        "differ from the paper's table (its README); the batch is the toml's on 8 GPUs.",
     ]
     return [
         _recipe("simplegpt_1b", "SimpleGPT 1B (llama2 1B shape): SimpleNorm, LR 2e-3",
