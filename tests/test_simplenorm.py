@@ -12,10 +12,13 @@ test_model_reference.py, both plain PyTorch):
 Tolerances are those of test_model_reference.py (fp32 model vs float64 reference, relative to
 the max |reference|): logits 1e-5, every parameter's gradient 1e-4.
 
-The TP=2 checks run in two processes: the sharded-width statistics of the q/k/v and fc1 norms
-(``test_sharded_width_rms_equals_the_unsharded_one``) and whole training runs (TP=2+SP, DP=2 with
-the distributed optimizer, a TP=1 checkpoint resumed under TP=2+SP) against one process; the
-resume test is bitwise in one process.
+Also in one process: SimpleGPT's init, weight decay on every parameter but the gates, the linear LR
+decay. The TP=2 checks run in two processes: the sharded-width statistics of the q/k/v and fc1
+norms (``test_sharded_width_rms_equals_the_unsharded_one``, float64) and whole training runs
+(TP=2+SP, DP=2 with the distributed optimizer, a TP=1 checkpoint resumed under TP=2+SP) against one
+process, plus fresh builds under TP=2+SP and PP=2×VP=2 (bitwise the 1-process weights). Bitwise in
+one process: a resume, and full and selective recompute. Last, the TP=2 checkpoint exported to our
+HF class (logits and greedy tokens against Megatron's). About 90 s on two CPU cores.
 """
 
 from __future__ import annotations
