@@ -105,8 +105,12 @@ class OutputNorms(nn.Module):
 
 
 def tensor_parallel_group(linear: nn.Module):
-    """The linear's TP group (Megatron's linears keep theirs; the global one otherwise)."""
-    return getattr(linear, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+    """The linear's TP group (Megatron's linears keep it as ``tp_group``, its TE linears as ``_tp_group``;
+    the global one otherwise)."""
+    for name in ("_tp_group", "tp_group"):
+        if (group := getattr(linear, name, None)) is not None:
+            return group
+    return parallel_state.get_tensor_model_parallel_group()
 
 
 class NormedOutput:
