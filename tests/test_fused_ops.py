@@ -14,9 +14,6 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,7 +27,8 @@ from megatron_gpas.model.gpas import GPASGate
 from megatron_gpas.model.norms import CompressedRMSNorm, LayerNorm, RMSNorm, ScalarRMSNorm
 from megatron_gpas.model.sublayer import ResidualAdd
 from test_parallel import _launch, _overrides
-from test_sdpa_attention import BASE_OVERRIDES, assert_rel_close, build, logits_and_grads, megatron_env  # noqa: F401
+from test_sdpa_attention import (BASE_OVERRIDES, assert_rel_close, bench_variant_overrides, build,  # noqa: F401
+                                 logits_and_grads_of_both, megatron_env)
 
 # torch.compile'd kernels against the eager ops (fp32): the forward is elementwise (FMA contraction
 # on a GPU may move it by an ulp); ∂a is a sum of N products, possibly in another order, so its error
@@ -235,17 +233,12 @@ def _compare_models(overrides: list[str], fused_overrides: list[str], rel: float
     """Logits and all gradients of a model with ``fused_overrides`` against the unfused one
     (bitwise when ``rel`` is None); returns the fused model."""
     fused, unfused = build(*overrides, *fused_overrides), build(*overrides, *UNFUSED)
-    g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # gates away from 0 (where they are the identity), other weights as built
         for model in (fused, unfused):
             for layer in model.decoder.layers:
                 layer.gpas.alpha.copy_(torch.linspace(0.1, 0.2, layer.gpas.alpha.numel()) * layer.layer_number)
-    batch, seq = 2, 64
-    tokens = torch.randint(0, 256, (batch, seq), generator=g)
-    position_ids = torch.arange(seq).expand(batch, seq)
-    weight = torch.randn(batch, seq, fused.vocab_size, generator=g)
-    logits, grads = logits_and_grads(fused, tokens, position_ids, weight)
-    ref_logits, ref_grads = logits_and_grads(unfused, tokens, position_ids, weight)
+    g = torch.Generator().manual_seed(3)
+    (logits, grads), (ref_logits, ref_grads) = logits_and_grads_of_both(fused, unfused, g)
     assert grads.keys() == ref_grads.keys()
     gates = [n for n in grads if n.endswith("gpas.alpha")]
     assert len(gates) == len(fused.decoder.layers) and all(ref_grads[n].abs().max() > 0 for n in gates)
@@ -403,12 +396,7 @@ def test_config_keys_are_validated_and_not_inherited():
 
 
 def test_bench_schemes_unfused_variant():
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "tools"))
-    try:
-        from bench_schemes import variant_overrides
-    finally:
-        sys.path.remove(str(root / "tools"))
+    variant_overrides = bench_variant_overrides()
     assert variant_overrides("pre~unfused", True, 256) == [
         "norm.scheme=pre", "gpas.enabled=true", "gpas.fused=none", "norm.fused=false"]
     assert variant_overrides("pre@layernorm~unfused:megatron", False, 256) == [
