@@ -28,7 +28,7 @@ from megatron_gpas.model.norms import CompressedRMSNorm, LayerNorm, RMSNorm, Sca
 from megatron_gpas.model.sublayer import ResidualAdd
 from test_parallel import _launch, _overrides
 from test_sdpa_attention import (BASE_OVERRIDES, assert_rel_close, bench_variant_overrides, build,  # noqa: F401
-                                 logits_and_grads_of_both, megatron_env)
+                                 logits_and_grads_of_both, megatron_env, tool_module)
 
 # torch.compile'd kernels against the eager ops (fp32): the forward is elementwise (FMA contraction
 # on a GPU may move it by an ulp); ∂a is a sum of N products, possibly in another order, so its error
@@ -403,3 +403,15 @@ def test_bench_schemes_unfused_variant():
         "norm.scheme=pre", "gpas.enabled=false", "model.attention=megatron", "norm.kind=layernorm",
         "gpas.fused=none", "norm.fused=false"]
     assert not any("fused" in o for o in variant_overrides("pre", True, 256))
+
+
+def test_bench_gpas_add_runs(capsys):
+    """tools/bench_gpas_add.py at the operator tests' size (in this process: the compiled kernels are warm)."""
+    threads = torch.get_num_threads()
+    try:
+        tool_module("bench_gpas_add").main(["--shape", "16", "3", "64", "--rounds", "2", "--warmup", "1"])
+    finally:
+        torch.set_num_threads(threads)  # the tool runs on one CPU thread
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| residual add without GPAS", "| unfused (none)", "| eager Function (eager)", "| compiled Function (compile)"]

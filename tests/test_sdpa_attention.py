@@ -174,18 +174,23 @@ def test_attention_key_defaults_to_sdpa_and_is_validated():
 
 # ------------------------------------------------------------------ benchmarks
 
-def bench_variant_overrides():
-    """tools/bench_schemes.py's variant parser (tools/ is not a package)."""
+def tool_module(name: str):
+    """A module of tools/ (not a package), imported."""
+    import importlib
     import sys
     from pathlib import Path
 
     tools = str(Path(__file__).resolve().parents[1] / "tools")
     sys.path.insert(0, tools)
     try:
-        from bench_schemes import variant_overrides
+        return importlib.import_module(name)
     finally:
         sys.path.remove(tools)
-    return variant_overrides
+
+
+def bench_variant_overrides():
+    """tools/bench_schemes.py's variant parser."""
+    return tool_module("bench_schemes").variant_overrides
 
 
 def test_bench_attention_runs_and_bench_schemes_parses_the_attention():
