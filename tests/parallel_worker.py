@@ -192,7 +192,7 @@ def _layer_structure(trainer: Trainer) -> dict:
                     "branch_norm": residual.branch_norm is not None,
                     "sublayer": residual.sublayer,
                     "fused_gate": residual.fused_gate(),  # gpas.fused: the gate computed with the add
-                    "norm_fused": bool(norm.fused),  # norm.fused
+                    "norm_fused": bool(getattr(norm, "fused", False)),  # norm.fused (RMSNorm, LayerNorm)
                 })
             layers[str(layer.layer_number)] = {
                 "slots": slots,
