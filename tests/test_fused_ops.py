@@ -27,8 +27,8 @@ from megatron_gpas.model.gpas import GPASGate
 from megatron_gpas.model.norms import CompressedRMSNorm, LayerNorm, RMSNorm, ScalarRMSNorm
 from megatron_gpas.model.sublayer import ResidualAdd
 from test_parallel import _launch, _overrides
-from test_sdpa_attention import (BASE_OVERRIDES, assert_rel_close, bench_variant_overrides, build,  # noqa: F401
-                                 logits_and_grads_of_both, megatron_env, tool_module)
+from test_sdpa_attention import (BASE_OVERRIDES, assert_rel_close, bench_variant_overrides, build,
+                                 logits_and_grads_of_both, tool_module)
 
 # torch.compile'd kernels against the eager ops (fp32): the forward is elementwise (FMA contraction
 # on a GPU may move it by an ulp); ∂a is a sum of N products, possibly in another order, so its error
