@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
+from test_model_reference import (  # noqa: F401  (BASE_OVERRIDES: for conftest's megatron_env)
     BATCH,
     GRAD_REL_TOL,
     LOGIT_REL_TOL,
@@ -44,7 +44,7 @@ from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
     build,
     inputs,
     make_cfg,
-    megatron_env,
+    BASE_OVERRIDES,
     megatron_to_reference,
     randomize,
     ref_attention,

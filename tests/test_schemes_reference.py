@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
+from test_model_reference import (  # noqa: F401  (BASE_OVERRIDES: for conftest's megatron_env)
     randomize,
     BATCH,
     GRAD_REL_TOL,
@@ -52,7 +52,7 @@ from test_model_reference import (  # noqa: F401  (megatron_env is a fixture)
     build,
     inputs,
     make_cfg,
-    megatron_env,
+    BASE_OVERRIDES,
     megatron_to_reference,
     ref_attention,
     ref_rmsnorm,
