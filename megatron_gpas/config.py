@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """An invalid configuration, reported before any expensive work starts."""
 
 
+# gpas.fused (model/fused.py); "none", not "off": YAML reads off as false
+GPAS_FUSED_MODES = ("auto", "compile", "eager", "none")
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -64,6 +68,8 @@ class NormConfig:
     deepnorm_beta_init: bool | None = None  # None = on for DeepNorm, off for DeepNorm+GPAS (official code)
     # options of the chosen scheme, typed and documented by the scheme itself (e.g. dyt: alpha0)
     options: dict[str, Any] = field(default_factory=dict)
+    # RMSNorm/LayerNorm by PyTorch's F.rms_norm / F.layer_norm instead of the formula (model/norms.py)
+    fused: bool = True
 
 
 @dataclass
@@ -81,6 +87,9 @@ class GPASConfig:
     fixed_values: str | None = None  # gate values per layer: YAML/JSON list file or a checkpoint dir
     allow_dead_gate: bool = False  # permit relu with init <= 0 (ReLU'(0) = 0: the gate never moves)
     clip_grad: float = 0.0  # joint L2 clip over all gates after the global clip; 0 = off
+    # the gate fused into the residual add (model/fused.py): auto (compile on CUDA, eager elsewhere) |
+    # compile (torch.compile'd kernels) | eager (one autograd Function, bitwise the unfused ops) | none
+    fused: str = "auto"
 
 
 @dataclass
@@ -414,8 +423,9 @@ def config_from_tree(tree: dict) -> Config:
 
 # Keys a run started from a checkpoint (fine-tuning, evaluation) does not take from the
 # checkpoint's run_config.yaml: the preset (its values are saved expanded), the gate's
-# training options (the new run's choice), and fixed gate values (the gates are in the weights).
-NOT_INHERITED = {"model": ("preset",), "gpas": ("freeze", "clip_grad", "fixed_values")}
+# training options (the new run's choice), fixed gate values (the gates are in the weights) and the
+# fused kernels (how this run computes the same network).
+NOT_INHERITED = {"model": ("preset",), "norm": ("fused",), "gpas": ("freeze", "clip_grad", "fixed_values", "fused")}
 
 
 def inherit_architecture(tree: dict, saved: dict, checkpoint: str | None = None, log=None) -> dict:
@@ -609,6 +619,8 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
     need(m.attention in ("sdpa", "megatron"),
          f"model.attention must be 'sdpa' (PyTorch's fused attention) or 'megatron' (Megatron-Core's "
          f"DotProductAttention), got '{m.attention}'")
+    need(cfg.gpas.fused in GPAS_FUSED_MODES,
+         f"gpas.fused must be one of {', '.join(GPAS_FUSED_MODES)}, got '{cfg.gpas.fused}'")
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
 

@@ -191,6 +191,8 @@ def _layer_structure(trainer: Trainer) -> dict:
                     "shortcut_scale": float(residual.shortcut_scale),
                     "branch_norm": residual.branch_norm is not None,
                     "sublayer": residual.sublayer,
+                    "fused_gate": residual.fused_gate(),  # gpas.fused: the gate computed with the add
+                    "norm_fused": bool(getattr(norm, "fused", False)),  # norm.fused (RMSNorm, LayerNorm)
                 })
             layers[str(layer.layer_number)] = {
                 "slots": slots,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_model_reference import BASE_OVERRIDES, build, inputs, make_cfg  # noqa: F401  (BASE_OVERRIDES: the megatron_env fixture)
+from test_model_reference import BASE_OVERRIDES, build, inputs, make_cfg  # noqa: F401  (conftest's megatron_env reads it)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),

@@ -41,7 +41,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_model_reference import (  # noqa: F401  (BASE_OVERRIDES: the megatron_env fixture)
+from test_model_reference import (  # noqa: F401  (BASE_OVERRIDES: for conftest's megatron_env)
     randomize,
     BATCH,
     GRAD_REL_TOL,

@@ -128,6 +128,16 @@ def logits_and_grads(model, tokens, position_ids, weight):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def logits_and_grads_of_both(model, reference, g: torch.Generator):
+    """``logits_and_grads`` of two models on the same random batch and loss weights."""
+    batch, seq = 2, 64
+    tokens = torch.randint(0, 256, (batch, seq), generator=g)
+    position_ids = torch.arange(seq).expand(batch, seq)
+    weight = torch.randn(batch, seq, model.vocab_size, generator=g)
+    return (logits_and_grads(model, tokens, position_ids, weight),
+            logits_and_grads(reference, tokens, position_ids, weight))
+
+
 @pytest.mark.parametrize("extra", [[], ["model.num_query_groups=2", "gpas.enabled=true"]], ids=["mha", "gqa_gpas"])
 def test_whole_model_matches_megatron_attention(megatron_env, extra):
     sdpa, megatron = build("model.attention=sdpa", *extra), build("model.attention=megatron", *extra)
@@ -142,13 +152,7 @@ def test_whole_model_matches_megatron_attention(megatron_env, extra):
             if a.ndim == 2:
                 a.copy_(torch.randn(a.shape, generator=g) / a.shape[1] ** 0.5)
                 b.copy_(a)
-    batch, seq = 2, 64
-    tokens = torch.randint(0, 256, (batch, seq), generator=g)
-    position_ids = torch.arange(seq).expand(batch, seq)
-    weight = torch.randn(batch, seq, sdpa.vocab_size, generator=g)
-
-    logits, grads = logits_and_grads(sdpa, tokens, position_ids, weight)
-    ref_logits, ref_grads = logits_and_grads(megatron, tokens, position_ids, weight)
+    (logits, grads), (ref_logits, ref_grads) = logits_and_grads_of_both(sdpa, megatron, g)
     assert_rel_close(logits, ref_logits, MODEL_REL_TOL, "logits")
     assert grads.keys() == ref_grads.keys()
     for name in grads:
@@ -170,6 +174,25 @@ def test_attention_key_defaults_to_sdpa_and_is_validated():
 
 # ------------------------------------------------------------------ benchmarks
 
+def tool_module(name: str):
+    """A module of tools/ (not a package), imported."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    tools = str(Path(__file__).resolve().parents[1] / "tools")
+    sys.path.insert(0, tools)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+
+
+def bench_variant_overrides():
+    """tools/bench_schemes.py's variant parser."""
+    return tool_module("bench_schemes").variant_overrides
+
+
 def test_bench_attention_runs_and_bench_schemes_parses_the_attention():
     """tools/bench_attention.py end to end at a toy size (its own process: it starts and tears
     down its process groups), and bench_schemes' ``:megatron`` variant suffix."""
@@ -185,11 +208,7 @@ def test_bench_attention_runs_and_bench_schemes_parses_the_attention():
     rows = [line for line in run.stdout.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
     assert len(rows) == 2, run.stdout
 
-    sys.path.insert(0, str(root / "tools"))
-    try:
-        from bench_schemes import variant_overrides
-    finally:
-        sys.path.remove(str(root / "tools"))
+    variant_overrides = bench_variant_overrides()
     assert variant_overrides("pre@layernorm:megatron", False, 256) == [
         "norm.scheme=pre", "gpas.enabled=false", "model.attention=megatron", "norm.kind=layernorm"]
     assert not any(o.startswith("model.attention") for o in variant_overrides("osp+muon", True, 256))

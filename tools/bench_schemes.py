@@ -18,8 +18,10 @@ grows, so it is reported once). The first ``--warmup`` steps of each variant are
 
 A variant is a scheme name, optionally with ``+muon`` (the Muon optimizer instead of Adam),
 ``@layernorm`` (norm.kind=layernorm) and/or ``:megatron`` (model.attention=megatron: Megatron's
-DotProductAttention instead of the default fused SDPA), e.g. ``osp+muon``, ``pre:megatron``;
-``--gpas both`` adds each one with GPAS; a variant ending in ``+gpas`` is run with GPAS only.
+DotProductAttention instead of the default fused SDPA), e.g. ``osp+muon``, ``pre:megatron``,
+and/or ``~unfused`` (gpas.fused=none norm.fused=false: the GPAS residual add and the norms unfused),
+e.g. ``pre~unfused`` (before the ``:``); ``--gpas both`` adds each one with GPAS; a variant ending in
+``+gpas`` is run with GPAS only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ DEFAULT_VARIANTS = ("pre", "pre@layernorm", "pre_rmsnorm", "crmsnorm", "osp", "o
 
 def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
     variant, _, attention = variant.partition(":")
+    variant, _, fusion = variant.partition("~")
+    if fusion not in ("", "unfused"):
+        raise SystemExit(f"unknown variant suffix '~{fusion}' (known: ~unfused)")
     name, _, kind = variant.partition("@")
     scheme, _, optimizer = name.partition("+")
     out = [f"norm.scheme={scheme}", f"gpas.enabled={str(gpas).lower()}"]
@@ -62,6 +67,8 @@ def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
         out.append(f"optim.optimizer={optimizer}")
     if scheme == "dyt":
         out.append("norm.options.alpha0=[1.0, 1.0, 1.0]" if hidden < 2048 else "norm.options.alpha0=[1.0, 0.5, 0.5]")
+    if fusion:  # every fusion off: the GPAS residual add and the norms as the plain formulas
+        out += ["gpas.fused=none", "norm.fused=false"]
     return out
 
 

@@ -14,9 +14,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import init_method_normal
 
 from megatron_gpas.config import Config, head_dim, padded_vocab_size
+from megatron_gpas.model.fused import gate_kernels
 from megatron_gpas.model.init import init_stream, redraw_, seeded_init_method
+from megatron_gpas.model.norms import RMSNorm
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
+from megatron_gpas.model.sublayer import ResidualAdd
 
 
 def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerConfig:
@@ -125,6 +128,17 @@ def _in_stream(seed: int, make_transform, cfg: Config, config: TransformerConfig
         return make_transform(cfg, config)
 
 
+def set_fusions(model: nn.Module, cfg: Config) -> None:
+    """Every norm and residual add of ``model`` on the fused paths the config asks for (norm.fused,
+    gpas.fused); the modules' own default is the unfused formula."""
+    kernels = gate_kernels(cfg.gpas.fused)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.fused = cfg.norm.fused and module.fusable
+        elif isinstance(module, ResidualAdd):
+            module.gate_kernels = kernels
+
+
 def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]:
     """One GPTModel per virtual pipeline stage held by this rank (a single one without VP), on
     the current GPU when there is one.
@@ -161,6 +175,7 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
             attach_embedding_transform(model, transform)
         if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:
             attach_head_transform(model, transform)
+        set_fusions(model, cfg)
         chunks.append(model)
     # built on the CPU (use_cpu_initialization); used where the GPU is. A meta-device build (parameter
     # counts, the trainer's memory check) stays where it is: meta tensors cannot be copied

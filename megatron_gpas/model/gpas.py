@@ -125,6 +125,10 @@ class GPASGate(nn.Module):
         """The forward multiplier(s) 1 − act(α) (for logging)."""
         return 1.0 - self.act(self.alpha.detach())
 
+    def multiplier(self, sublayer: int, dtype: torch.dtype) -> torch.Tensor:
+        """act(α) of ``sublayer`` (differentiable), in the activations' dtype."""
+        return self.act(self.alpha[sublayer if self.per_sublayer else 0]).to(dtype)
+
     def forward(self, x: torch.Tensor, sublayer: int = 0) -> torch.Tensor:
-        a = self.act(self.alpha[sublayer if self.per_sublayer else 0]).to(x.dtype)
+        a = self.multiplier(sublayer, x.dtype)
         return x - a * (x.detach() if self.stop_gradient else x)

@@ -7,6 +7,13 @@ for the sequence-parallel gradient all-reduce (``mark_sequence_parallel``), so e
 correct under TP+SP. The tensors entering a norm are ``[s, b, width]``; only the last axis is
 reduced, so sequence parallelism (a split of ``s``) needs no communication here.
 
+RMSNorm and LayerNorm (and ScalarRMSNorm's statistics) can run on PyTorch's kernels instead of the
+formula (``fused``, set by the builder from ``norm.fused``): ``F.rms_norm`` / ``F.layer_norm``,
+which compute the statistics in fp32 for 16-bit inputs as the formula does. In fp32 (and float64)
+the weight and bias go into the kernel too; in 16-bit they are applied after it, so the normalized
+vector is rounded to the input dtype before the weight multiplies it, as in the formula (and in
+Hugging Face's Llama). On CPU ``F.rms_norm`` is the formula op for op (bitwise equal).
+
     RMSNorm            y = γ ⊙ x / sqrt(mean(x²) + ε)  (+ β)
     LayerNorm          y = γ ⊙ (x − μ) / sqrt(var(x) + ε)  (+ β)
     ScalarRMSNorm      y = g · x / sqrt(mean(x²) + ε),  one scalar g          (OSP's SSNorm, methods.md §4.1)
@@ -20,6 +27,7 @@ reduced, so sequence parallelism (a split of ``s``) needs no communication here.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -46,6 +54,9 @@ class RMSNorm(nn.Module):
     """RMSNorm as in Llama: y = γ ⊙ x / sqrt(mean(x²) + ε), with an optional bias β
     (Jiang et al.'s Pre-RMSNorm keeps LayerNorm's β, methods.md §3)."""
 
+    fusable = True  # PyTorch has a kernel for this norm (``kernel``)
+    fused = False  # use it (the builder sets this from norm.fused)
+
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, bias: bool = False):
         super().__init__()
         self.eps = eps
@@ -53,11 +64,19 @@ class RMSNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(hidden_size, dtype=config.params_dtype)) if bias else None
         mark_sequence_parallel(self, config)
 
+    def kernel(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        y = F.rms_norm(x, x.shape[-1:], weight, self.eps)
+        return y if bias is None else y + bias
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.kernel(x)
         x32 = x.to(stats_dtype(x))
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and stats_dtype(x) == x.dtype == self.weight.dtype and self.weight.shape == x.shape[-1:]:
+            return self.kernel(x, self.weight, self.bias)
         y = self.weight * self.normalize(x)
         return y if self.bias is None else y + self.bias
 
@@ -68,7 +87,12 @@ class LayerNorm(RMSNorm):
     def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-6, bias: bool = True):
         super().__init__(config, hidden_size, eps, bias)
 
+    def kernel(self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+        return F.layer_norm(x, x.shape[-1:], weight, bias, self.eps)
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.kernel(x)
         x32 = x.to(stats_dtype(x))
         centred = x32 - x32.mean(-1, keepdim=True)
         return (centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
@@ -90,6 +114,8 @@ class CompressedRMSNorm(RMSNorm):
     The output is the full d-dimensional normalized vector with the affine γ, β of size d,
     which is what the consumers (QKV, MLP input, LM head) read.
     """
+
+    fusable = False  # statistics of the compressed vector: no PyTorch kernel computes them
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         d = x.shape[-1] + 1

@@ -22,6 +22,7 @@ from torch import nn
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
+from megatron_gpas.model.fused import GatedShortcutSum, GatedSum, GateKernels
 from megatron_gpas.model.gpas import GPASGate
 
 
@@ -93,7 +94,8 @@ class ResidualAdd(_GateRef, nn.Module):
     post_norm       Post-LN: the layer's deferred SublayerNorm, applied after the add.
     gate positions handled here: ``after_add`` (GPAS on the sum, the paper's Pre-LN placement),
     ``shortcut`` (GPAS on the shortcut only, the paper's DeepNorm/Post placement) and
-    ``after_branch`` (on the sub-layer output).
+    ``after_branch`` (on the sub-layer output). With ``gate_kernels`` (gpas.fused) the first two
+    are computed together with the add (model/fused.py).
     """
 
     def __init__(self):
@@ -102,10 +104,20 @@ class ResidualAdd(_GateRef, nn.Module):
         self.branch_map: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.shortcut_scale = 1.0
         self._post_norm: tuple[SublayerNorm | None] = (None,)
+        self.gate_kernels: GateKernels | None = None  # gpas.fused (set by the builder); None: unfused
 
     def normalize_after_add(self, norm: SublayerNorm) -> None:
         norm.deferred = True
         self._post_norm = (norm,)
+
+    def fused_gate(self) -> str | None:
+        """The gate position computed together with the add (fused.py), if any."""
+        gate = self._gate[0]
+        if self.gate_kernels is None or gate is None or not gate.stop_gradient:
+            return None
+        if self.gate_position == "shortcut" or (self.gate_position == "after_add" and self._post_norm[0] is None):
+            return self.gate_position
+        return None
 
     def forward(self, training: bool, fused: bool):
         bias_dropout_add = get_bias_dropout_add(training, fused)
@@ -118,13 +130,31 @@ class ResidualAdd(_GateRef, nn.Module):
                 branch, bias = self.branch_map(branch if bias is None else branch + bias), None
             if self.gate_position == "after_branch":
                 branch, bias = self.gated("after_branch", branch if bias is None else branch + bias), None
-            shortcut = self.gated("shortcut", shortcut)
-            if self.shortcut_scale != 1.0:
-                shortcut = shortcut * self.shortcut_scale
-            out = bias_dropout_add((branch, bias), shortcut, dropout_prob)
+            fused_gate = self.fused_gate()
+            if fused_gate is None:
+                shortcut = self.gated("shortcut", shortcut)
+                if self.shortcut_scale != 1.0:
+                    shortcut = shortcut * self.shortcut_scale
+                out = bias_dropout_add((branch, bias), shortcut, dropout_prob)
+            else:
+                # what bias-dropout-add does to the branch, then the add and the gate in one operator
+                branch = bias_dropout(branch, bias, shortcut.dtype, dropout_prob, training)
+                a = self._gate[0].multiplier(self.sublayer, shortcut.dtype)
+                if fused_gate == "after_add":
+                    return GatedSum.apply(shortcut, branch, a, self.gate_kernels)
+                out = GatedShortcutSum.apply(shortcut, branch, a, self.shortcut_scale, self.gate_kernels)
             post_norm = self._post_norm[0]
             if post_norm is not None:
                 out = post_norm.normalize_after_add(out)
             return self.gated("after_add", out)
 
         return residual_add
+
+
+def bias_dropout(branch: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, prob: float,
+                 training: bool) -> torch.Tensor:
+    """dropout(branch + bias) in the residual's dtype, as Megatron's bias-dropout-add computes it."""
+    branch = branch.to(dtype)
+    if bias is not None:
+        branch = branch + bias.to(dtype)
+    return torch.nn.functional.dropout(branch, p=prob, training=training)
