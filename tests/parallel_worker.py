@@ -56,7 +56,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def _record_steps(trainer: Trainer, checksums: dict | None = None) -> list[dict]:
+def _record_steps(trainer: Trainer, checksums: dict | None = None, unit_norms: bool = False) -> list[dict]:
     """Wrap trainer.train_step so every step's numbers are captured on every rank."""
     records: list[dict] = []
     original = trainer.train_step
@@ -79,6 +79,8 @@ def _record_steps(trainer: Trainer, checksums: dict | None = None) -> list[dict]
         })
         if checksums is not None:  # the parameter values when training started
             records[-1]["checksums"] = _param_checksums(trainer, checksums)
+        if unit_norms:
+            records[-1]["unit_norms"] = _unit_norm_errors(trainer)
         return values
 
     trainer.train_step = train_step
@@ -88,6 +90,38 @@ def _record_steps(trainer: Trainer, checksums: dict | None = None) -> list[dict]
 # the parts of a layer whose forward calls the recompute probe counts (attribute paths in NormLayer)
 PROBED = {"layer": "", "core_attention": "self_attention.core_attention", "mlp": "mlp",
           "input_layernorm": "input_layernorm"}
+
+
+def _unit_norm_errors(trainer: Trainer) -> dict:
+    """This rank's weights the scheme keeps unit-norm (``unit_norm_axes``): the largest |‖v‖ − 1| of
+    their vectors in the model, and the largest difference between the optimizer's fp32 master copy
+    (the distributed optimizer's flat shard, the Float16 optimizer's whole copy) and the model's values."""
+    from megatron.core.utils import unwrap_model
+
+    from megatron_gpas.model.schemes import get_scheme
+
+    axes = {p: a for chunk in trainer.model for p, a in get_scheme(trainer.cfg).unit_norm_axes(unwrap_model(chunk)).items()}
+    model_error = max(float((p.detach().double().norm(dim=a) - 1).abs().max()) for p, a in axes.items())
+    master_error, masters, partial = 0.0, 0, 0
+    for opt in getattr(trainer.optimizer, "chained_optimizers", None) or [trainer.optimizer]:
+        if hasattr(opt, "model_param_gbuf_map"):
+            pairs = []
+            for model_group, main_group in zip(opt.model_float16_groups + opt.model_fp32_groups,
+                                               opt.shard_fp32_from_float16_groups + opt.shard_fp32_groups):
+                for param, main in zip(model_group, main_group):
+                    r = opt._get_model_param_range_map(param)["param"]
+                    pairs.append((param, param.detach().view(-1)[r.start:r.end], main))
+                    partial += param in axes and (r.start, r.end) != (0, param.numel())
+        else:
+            pairs = [(m, m.detach(), main) for mg, fg in zip(getattr(opt, "float16_groups", []),
+                                                               getattr(opt, "fp32_from_float16_groups", []))
+                     for m, main in zip(mg, fg)]
+        for param, model_values, main in pairs:
+            if param in axes:
+                masters += 1
+                master_error = max(master_error, float((main.double().view(-1) - model_values.double().view(-1)).abs().max()))
+    return {"model": model_error, "master_vs_model": master_error, "masters": masters,
+            "weights": len(axes), "partial_shards": partial}
 
 
 def _probe_first_step(trainer: Trainer) -> dict:
@@ -307,7 +341,7 @@ def run_train(case: dict) -> dict:
             initial = _snapshot(trainer)
             out["start_checksums"] = _param_checksums(trainer)
         trainer.measure_post_clip = True
-        out["records"] = _record_steps(trainer, checksums=initial)
+        out["records"] = _record_steps(trainer, checksums=initial, unit_norms=case.get("unit_norms", False))
         if case.get("probe_recompute"):
             out["probe"] = _probe_first_step(trainer)
         summary = trainer.train()

@@ -44,6 +44,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -104,6 +105,14 @@ def training_variants() -> list[str]:
     return variants
 
 
+def takes_gpas(variant: str) -> bool:
+    """Whether the variant's scheme has a GPAS placement (nGPT has none: ``Scheme.gpas_refusal``)."""
+    from megatron_gpas.model.schemes import SCHEMES
+
+    scheme = SCHEMES.get(re.split(r"[@+~]", variant)[0])
+    return scheme is None or scheme.gpas_refusal is None
+
+
 def training_shape(dry_run: bool) -> dict:
     if dry_run:  # seconds on 2 CPU cores per case
         return dict(overrides=["model.preset=tiny", "model.num_layers=2", "model.vocab_size=512",
@@ -125,7 +134,7 @@ def training_cases(dry_run: bool, backends: list[tuple[str, str | None]]) -> lis
     cases = []
     for backend, fp8 in backends:
         for variant in training_variants():
-            for gpas in (False, True):
+            for gpas in (False, True) if takes_gpas(variant) else (False,):
                 name = f"{variant}{'+gpas' if gpas else ''} [{backend}{' fp8' if fp8 else ''}]"
                 overrides = [*shape["overrides"], *variant_overrides(variant, gpas, shape["hidden"]),
                              f"model.backend={backend}", "optim.clip_grad=1.0", "train.eval_iters=1"]

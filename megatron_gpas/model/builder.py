@@ -20,6 +20,7 @@ from megatron_gpas.model.norms import RMSNorm
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
 from megatron_gpas.model.sublayer import ResidualAdd
+from megatron_gpas.model.unit_norm import normalize_
 
 
 def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerConfig:
@@ -122,6 +123,17 @@ def attach_head_transform(model: GPTModel, transform: nn.Module) -> None:
     model.output_layer.register_forward_pre_hook(transform_input, with_kwargs=True)
 
 
+def attach_logit_transform(model: GPTModel, transform: nn.Module) -> None:
+    """logits = transform(output_layer(h)); the module is ``model.logit_transform``."""
+    model.logit_transform = transform
+
+    def transform_output(module, args, output):
+        logits, bias = output
+        return model.logit_transform(logits), bias
+
+    model.output_layer.register_forward_hook(transform_output)
+
+
 def _in_stream(seed: int, make_transform, cfg: Config, config: TransformerConfig):
     """A scheme's transform, its random init drawn from the stream named after it."""
     with init_stream(seed, make_transform.__name__):
@@ -175,6 +187,11 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
             attach_embedding_transform(model, transform)
         if model.post_process and (transform := _in_stream(seed, scheme.head_transform, cfg, config)) is not None:
             attach_head_transform(model, transform)
+        if model.post_process and (transform := scheme.logit_transform(cfg, config, model.output_layer)) is not None:
+            attach_logit_transform(model, transform)
+        if config.perform_initialization:  # whole vectors on every rank: the same in every layout
+            for param, axis in scheme.unit_norm_axes(model).items():
+                normalize_(param.data, axis)
         set_fusions(model, cfg)
         chunks.append(model)
     # built on the CPU (use_cpu_initialization); used where the GPU is. A meta-device build (parameter

@@ -65,7 +65,9 @@ def norm_spec(cfg: Config, position: str, slot: bool = True) -> ModuleSpec:
 def unfused_submodules(cfg: Config, column_linear, row_linear, core_attention) -> TransformerLayerSubmodules:
     """Norm modules of our own in front of each sub-layer, the given GEMM/attention modules (the
     scheme's linears, built on them)."""
-    linear = get_scheme(cfg).linear_modules(cfg, column_linear, row_linear)
+    scheme = get_scheme(cfg)
+    linear = scheme.linear_modules(cfg, column_linear, row_linear)
+    core_attention = scheme.core_attention(cfg, core_attention)
     return TransformerLayerSubmodules(
         input_layernorm=norm_spec(cfg, "attention"),
         self_attention=ModuleSpec(

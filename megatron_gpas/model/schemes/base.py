@@ -9,13 +9,16 @@ so adding a scheme is one module plus one registry entry. What a scheme can decl
               around each sub-layer (``sublayer.py``: norm slot, residual add), inits, wiring;
               ``linear_modules``: the modules of the layer's linears (e.g. SimpleNorm's norm after
               each one, built on Megatron's parallel linears);
+              ``core_attention``: the core attention module, given the backend's (nGPT's q/k scale);
               ``embedding_transform`` / ``head_transform``: modules after the embedding and
-              before the LM head; ``residual_width``: the width of the residual stream
+              before the LM head; ``logit_transform``: a module on the LM head's (vocab-parallel)
+              output; ``residual_width``: the width of the residual stream
   init        ``transformer_config_overrides`` (Megatron's init stds), ``head_init_method``
   training    ``decays_all_parameters``: weight decay on norm weights and other 1-D parameters too;
               ``before_step``: periodic buffers (BHyT's c_attn);
-              ``after_optimizer_step``: a projection of parameters after each optimizer step
-              (none of the schemes here needs one yet; nGPT's weight normalisation will)
+              ``unit_norm_axes``: weights kept unit-norm along an axis, at init (the builder) and
+              after every optimizer step on the fp32 master weights (``after_optimizer_step``'s
+              default, model/unit_norm.py; nGPT)
   checks      ``validate``: invalid combinations, before any process group;
               ``architecture``: the effective options a checkpoint must match
   layout      ``fusable_input_norm`` / ``te_final_norm``: whether Transformer Engine's fused
@@ -34,9 +37,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from megatron.core.utils import unwrap_model
+
 from megatron_gpas.config import Config, ConfigError, NormConfig, parse_section
 from megatron_gpas.model.init import single_threaded
 from megatron_gpas.model.norms import LayerNorm, RMSNorm
+from megatron_gpas.model.unit_norm import project_unit_norm
 
 if TYPE_CHECKING:
     from megatron_gpas.model.layer import NormLayer
@@ -106,6 +112,7 @@ class Scheme:
     uses_norm_kind = False  # norm.kind chooses this scheme's norm module
     uses_norm_bias = False  # norm.bias gives its norms a bias
     default_bias = False  # what norm.bias=None means for such schemes
+    gpas_refusal: str | None = None  # why GPAS has no meaningful placement here (gpas.enabled is refused)
 
     # ------------------------------------------------------------------ options
 
@@ -138,10 +145,18 @@ class Scheme:
         return {"linear_qkv": column_linear, "linear_proj": row_linear,
                 "linear_fc1": column_linear, "linear_fc2": row_linear}
 
+    def core_attention(self, cfg: Config, core_attention: type) -> type:
+        """The core attention module, given the backend's (SDPA, Megatron's or TE's)."""
+        return core_attention
+
     def embedding_transform(self, cfg: Config, config) -> nn.Module | None:
         return None
 
     def head_transform(self, cfg: Config, config) -> nn.Module | None:
+        return None
+
+    def logit_transform(self, cfg: Config, config, output_layer: nn.Module) -> nn.Module | None:
+        """A module applied to the LM head's output (this rank's vocabulary shard of the logits)."""
         return None
 
     def residual_width(self, cfg: Config) -> int:
@@ -165,8 +180,16 @@ class Scheme:
     def before_step(self, model_chunks, step: int, cfg: Config) -> None:
         """Called by the trainer before every optimizer step ``step`` (0-based) of the run."""
 
+    def unit_norm_axes(self, model_chunk) -> dict:
+        """{parameter: axis} of the chunk's weights kept unit-norm along ``axis`` (the reduced one);
+        the same order on every rank of a data-parallel group."""
+        return {}
+
     def after_optimizer_step(self, optimizer, model_chunks) -> None:
-        """Called after every successful optimizer step (a projection of parameters)."""
+        """Called after every successful optimizer step: projects the ``unit_norm_axes`` weights
+        (master and model copies) back to unit norm."""
+        axes = {param: axis for chunk in model_chunks for param, axis in self.unit_norm_axes(unwrap_model(chunk)).items()}
+        project_unit_norm(optimizer, axes)
 
     # ------------------------------------------------------------------ checks and identity
 
@@ -179,6 +202,8 @@ class Scheme:
             if cfg.norm.kind != "rmsnorm":
                 raise ConfigError(f"norm.kind={cfg.norm.kind} chooses the norm of the GPAS paper's hosts; "
                                   f"norm.scheme={self.name} has its own norm")
+        if cfg.gpas.enabled and self.gpas_refusal is not None:
+            raise ConfigError(f"gpas.enabled with norm.scheme={self.name}: {self.gpas_refusal}")
         if not self.uses_norm_bias and cfg.norm.bias is not None:
             raise ConfigError(f"norm.bias is not an option of norm.scheme={self.name}")
         self.check(cfg, opts)

@@ -130,11 +130,16 @@ class NormedOutput:
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         norm = {f"output_norm.{name}": p for name, p in self.output_norm.named_parameters()}
-        axes = {name: 0 for name, p in norm.items() if getattr(p, "tensor_model_parallel", False)}
-        sharded.update(make_sharded_tensors_for_checkpoint(norm, prefix, axes, sharded_offsets,
-                                                           tp_group=tensor_parallel_group(self),
-                                                           dp_cp_group=(metadata or {}).get("dp_cp_group")))
+        sharded.update(tp_sharded_entries(norm, prefix, sharded_offsets, metadata, tensor_parallel_group(self)))
         return sharded
+
+
+def tp_sharded_entries(params: dict, prefix: str, sharded_offsets, metadata, tp_group) -> dict:
+    """Checkpoint entries of ``params`` (name → parameter): TP-sharded along dim 0 where tagged
+    TP-partitioned, replicated otherwise."""
+    axes = {name: 0 for name, p in params.items() if getattr(p, "tensor_model_parallel", False)}
+    return make_sharded_tensors_for_checkpoint(params, prefix, axes, sharded_offsets, tp_group=tp_group,
+                                               dp_cp_group=(metadata or {}).get("dp_cp_group"))
 
 
 class QKVNorms(NormedOutput):
