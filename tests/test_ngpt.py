@@ -259,6 +259,8 @@ def single(workspace) -> dict:
                                      f"train.exit_after_steps={SAVE_AT}")},
         {"name": "second_half", "kind": "train", "checksums": True, "unit_norms": True,
          "overrides": _run_overrides(ws, "second_half", f"checkpoint.load='{ws / 'ckpt_half'}'")},
+        {"name": "fresh_single", "kind": "save_init",
+         "overrides": _run_overrides(ws, "fresh_single", f"checkpoint.save='{ws / 'fresh_single'}'")},
     ]
     return _launch(ws, "ngpt_single", 1, cases, timeout=300)[0]["cases"]
 
@@ -270,8 +272,11 @@ def multi(workspace, single) -> list[dict]:
 
     ws = workspace
     cases = [{"name": layout, "kind": "train", "checksums": True, "unit_norms": True, "sp_audit": layout == "tp2_sp",
-              "overrides": _run_overrides(ws, layout, *overrides, *_from_init(ws), f"train.exit_after_steps={EQUIV_STEPS}")}
+              "overrides": _run_overrides(ws, layout, *overrides, *_from_init(ws), f"train.exit_after_steps={EQUIV_STEPS}",
+                                          *([f"checkpoint.save='{ws / 'ckpt_tp2'}'"] if layout == "tp2_sp" else []))}
              for layout, overrides in LAYOUTS.items()]
+    cases.append({"name": "fresh_tp2_sp", "kind": "save_init",
+                  "overrides": _run_overrides(ws, "fresh_tp2_sp", *LAYOUTS["tp2_sp"], f"checkpoint.save='{ws / 'fresh_tp2'}'")})
     return [r["cases"] for r in _launch(ws, "ngpt_multi", 2, cases, timeout=400)]
 
 
@@ -323,3 +328,65 @@ def test_resume_is_bitwise(single):
     got = _merge_checksums([resumed["records"][-1]["checksums"]])
     want = _merge_checksums([reference[-1]["checksums"]])
     assert {k: v[:3] for k, v in got.items()} == {k: v[:3] for k, v in want.items()}
+
+
+def test_initial_weights_are_the_same_under_tp2(single, multi):
+    """A fresh TP=2+SP build (its draws, the init projection, the TP-sharded s_qk, s_uv, s_z) saves the
+    1-process weights, bitwise (model/init.py)."""
+    from megatron_gpas.hf.dcp_reader import CheckpointReader
+
+    def weights(path: str) -> dict:
+        reader = CheckpointReader(path)
+        return {key: reader.read(key) for key in reader.metadata if not key.startswith("optimizer.")}
+
+    reference, built = weights(single["fresh_single"]["latest"]), weights(multi[0]["fresh_tp2_sp"]["latest"])
+    assert set(built) == set(reference) and "logit_transform.sz.weight" in reference, sorted(reference)
+    differ = [key for key, value in reference.items() if not torch.equal(built[key], value)]
+    assert not differ, f"initial weights under TP=2+SP differ from 1 process: {differ}"
+
+
+# =========================================================================== Hugging Face export
+
+PROBE_SEQ = 16
+
+
+@pytest.fixture(scope="module")
+def megatron_probe(workspace, multi) -> dict:
+    """One process: the TP=2+SP step-3 checkpoint loaded at TP=1, its logits on a probe batch and its
+    greedy continuation of a prompt (the whole sequence recomputed each step)."""
+    from test_parallel import _launch
+
+    ws = workspace
+    g = torch.Generator().manual_seed(3)
+    probe = {"tokens": torch.randint(0, 256, (2, PROBE_SEQ), generator=g).tolist(),
+             "greedy_prompt": torch.randint(0, 256, (1, 5), generator=g).tolist(), "greedy_steps": 6,
+             "out": str(ws / "probe.pt")}
+    case = {"name": "probe", "kind": "save_init", "probe": probe,
+            "overrides": _run_overrides(ws, "probe", f"checkpoint.load='{ws / 'ckpt_tp2'}'",
+                                        "checkpoint.load_optimizer=false", f"checkpoint.save='{ws / 'ckpt_probe'}'")}
+    _launch(ws, "ngpt_probe", 1, [case], timeout=300)
+    return torch.load(probe["out"]) | {"probe": probe}
+
+
+def test_export_matches_megatron(workspace, megatron_probe):
+    """The TP=2 checkpoint exported to our HF class (sphere updates, s_qk after RoPE, the √head_dim
+    attention scale, s_uv, s_z, no final norm): logits equal Megatron's within 1e-5 of their scale,
+    greedy generation (KV cache) the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gpas.hf.export import export_checkpoint
+
+    result = export_checkpoint(str(workspace / "ckpt_tp2"), str(workspace / "hf"), progress=False)
+    assert result.format == "custom", result.reason
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__name__ == "MegatronGPASForCausalLM"
+    probe = megatron_probe["probe"]
+    with torch.no_grad():
+        logits = model(torch.tensor(probe["tokens"])).logits
+    reference = megatron_probe["logits"]
+    assert logits.shape == reference.shape
+    assert_rel_close(logits, reference, LOGIT_REL_TOL, "HF logits")
+    prompt = torch.tensor(probe["greedy_prompt"])
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=probe["greedy_steps"],
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generated.tolist() == megatron_probe["greedy"].tolist()

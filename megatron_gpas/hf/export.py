@@ -33,6 +33,7 @@ from megatron_gpas.hf.hf_config import AUTO_MAP, attention_shape, custom_config,
 from megatron_gpas.config import config_from_tree
 from megatron_gpas.hf.mapping import (
     GLOBAL_TENSORS,
+    HEAD_TENSORS,
     LAYER_TENSORS,
     MEGATRON_LAYER_PREFIX,
     TRANSFORM_TENSORS,
@@ -93,6 +94,10 @@ class ExportSource:
                 raise ExportError(f"checkpoint tensor {key!r} has no Hugging Face mapping (megatron_gpas/hf/mapping.py)")
         self._tables = None
 
+    def read(self, key: str) -> torch.Tensor:
+        """A non-layer tensor in the export dtype, the vocabulary ones cut to the model's vocab_size."""
+        return self._read(key).to(self.dtype).contiguous()
+
     def _read(self, key: str) -> torch.Tensor:
         tensor = self.reader.read(key)
         return resize_vocab(tensor, self.config.vocab_size) if key in VOCAB_TENSORS else tensor
@@ -114,8 +119,8 @@ class ExportSource:
         for key, hf_key in GLOBAL_TENSORS.items():
             if key.startswith("decoder.final_layernorm.") and key in self.reader:
                 out[hf_key] = self._read(key).to(self.dtype)
-        weight = out["model.norm.weight"]
-        if weight.numel() == 1:
+        weight = out.get("model.norm.weight")  # none without a final norm (nGPT)
+        if weight is not None and weight.numel() == 1:
             out["model.norm.weight"] = weight.expand(self.config.hidden_size).contiguous()
         return out
 
@@ -282,6 +287,9 @@ def _export(reader, path, partial, out_dir, target, torch_dtype, fold_tolerance,
     for name, tensor in final.items():
         writer.add(name, tensor)
     writer.add("lm_head.weight", head)
+    for key in HEAD_TENSORS:
+        if key in reader:
+            writer.add(GLOBAL_TENSORS[key], source.read(key))
     weight_files = writer.close()
 
     if fmt == "llama":

@@ -48,6 +48,15 @@ OUTPUT_NORMS = {
     "mlp.linear_fc2.output_norm.weight": "mlp.down_proj.norm.weight",
 }
 RENAMED_LAYER_TENSORS.update(OUTPUT_NORMS)
+# nGPT's scales (stored reparameterised, as trained; the HF class applies the same factors).
+NGPT_SCALES = {
+    "self_attention.core_attention.sqk.weight": "self_attn.sqk",
+    "mlp.linear_fc1.output_norm.gate.weight": "mlp.suv_gate",
+    "mlp.linear_fc1.output_norm.up.weight": "mlp.suv_up",
+    "self_attn_bda.alpha.weight": "attn_alpha",
+    "mlp_bda.alpha.weight": "mlp_alpha",
+}
+RENAMED_LAYER_TENSORS.update(NGPT_SCALES)
 NORM_TENSORS = ("bias", "alpha", "lam", "c_attn")  # RMSNorm/LayerNorm bias, DyT α, BHyT λ and c_attn
 RENAMED_LAYER_TENSORS.update({megatron + name: hf + name for megatron, hf in NORM_SLOTS.items()
                               for name in NORM_TENSORS})
@@ -62,8 +71,10 @@ GLOBAL_TENSORS = {
     "decoder.final_layernorm.weight": "model.norm.weight",
     **{f"decoder.final_layernorm.{name}": f"model.norm.{name}" for name in NORM_TENSORS},
     "output_layer.weight": "lm_head.weight",
+    "logit_transform.sz.weight": "lm_head.sz",  # nGPT's logit scale s_z
 }
-VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight", "logit_transform.sz.weight")
+HEAD_TENSORS = ("logit_transform.sz.weight",)  # written after lm_head.weight when the checkpoint has them
 # Scheme transforms around the embedding and the LM head, folded into their tables at export.
 EMBEDDING_PROJECTION, EMBEDDING_SCALE = "embedding_transform.weight", "embedding_transform.scale"
 HEAD_PROJECTION = "head_transform.weight"

@@ -28,7 +28,15 @@ of every projection (q, k, v over their whole width, o, gate, up, down):
     simplenorm x' = x + RMSNorm_o(W_o·Attn(RMSNorm_q(W_q x), RMSNorm_k(W_k x), RMSNorm_v(W_v x)))
                x' = x + RMSNorm_down(W_down(silu(RMSNorm_gate(W_gate x)) ⊙ RMSNorm_up(W_up x)))
 
-All models end with the final norm (``final_norm_type``, default ``norm_type``) and an untied LM
+nGPT (``ngpt``, norm_type and final_norm_type ``none``), norm(v) = v/‖v‖₂, scales stored
+reparameterised as trained (s = ŝ · factor, base = 1/√d):
+
+    q, k = RoPE(W_q x, W_k x);  q, k ← s_qk ⊙ norm_head(q), s_qk ⊙ norm_head(k)   s_qk = ŝ_qk·√d
+    x' = norm(norm(x) + |α_A| ⊙ (norm(W_o Attn(q, k, v; scale √head_dim)) − norm(x)))   α = α̂·0.05·√d
+    x' = norm(norm(x) + |α_M| ⊙ (norm(W_down(silu(√d·s_gate ⊙ W_gate x) ⊙ √d·s_up ⊙ W_up x)) − norm(x)))
+    logits = s_z ⊙ (W_head x)                                                       s_z = ŝ_z·√d
+
+All other models end with the final norm (``final_norm_type``, default ``norm_type``) and an untied LM
 head. Depends only on torch and transformers (≥ 5).
 """
 
@@ -41,12 +49,15 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import (
+    ALL_ATTENTION_FUNCTIONS,
     LlamaAttention,
     LlamaForCausalLM,
     LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
     LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 
 from .configuration_megatron_gpas import MegatronGPASConfig
@@ -155,14 +166,78 @@ def make_norm(config: MegatronGPASConfig, position: str) -> nn.Module:
     raise ValueError(f"unknown norm_type {kind!r}")
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """x / ‖x‖₂ along the last axis, in fp32, cast back."""
+    x32 = x.float()
+    return (x32 / x32.norm(dim=-1, keepdim=True)).to(x.dtype)
+
+
+class NGPTAttention(LlamaAttention):
+    """Llama's attention with nGPT's q/k: s_qk ⊙ norm_head(·) after RoPE, scores scaled by √head_dim."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.scaling = math.sqrt(self.head_dim)
+        self.sqk = nn.Parameter(torch.ones(config.num_attention_heads * self.head_dim))
+        self.sqk_factor = math.sqrt(config.hidden_size)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                cache=None, **kwargs):
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q, k, v = (proj(hidden_states).view(hidden_shape).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
+        s = (self.sqk * self.sqk_factor).view(-1, 1, self.head_dim).to(q.dtype)  # [heads, 1, head_dim]
+        q, k = s * unit(q), s * unit(k)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
+        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+class NGPTMLP(LlamaMLP):
+    """SwiGLU with s_uv·√d on the gate and up projections' outputs."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.suv_gate = nn.Parameter(torch.ones(config.intermediate_size))
+        self.suv_up = nn.Parameter(torch.ones(config.intermediate_size))
+        self.suv_factor = math.sqrt(config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x) * (self.suv_gate * self.suv_factor).to(x.dtype)
+        up = self.up_proj(x) * (self.suv_up * self.suv_factor).to(x.dtype)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class ScaledHead(nn.Linear):
+    """logits = s_z ⊙ (W x), s_z = ŝ_z·√d (nGPT); ``sz`` is ŝ_z."""
+
+    def __init__(self, config):
+        super().__init__(config.hidden_size, config.vocab_size, bias=False)
+        self.sz = nn.Parameter(torch.ones(config.vocab_size))
+        self.sz_factor = math.sqrt(config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * (self.sz * self.sz_factor).to(x.dtype)
+
+
 class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: MegatronGPASConfig, layer_idx: int):
         super().__init__()
         self.config = config
         layer_number = layer_idx + 1
         scheme = config.norm_scheme
-        self.self_attn = LlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
+        self.ngpt = config.ngpt
+        self.self_attn = (NGPTAttention if self.ngpt else LlamaAttention)(config=config, layer_idx=layer_idx)
+        self.mlp = (NGPTMLP if self.ngpt else LlamaMLP)(config)
+        if self.ngpt:  # α̂ of the sphere updates (α = α̂·0.05·√d)
+            self.attn_alpha = nn.Parameter(torch.ones(config.hidden_size))
+            self.mlp_alpha = nn.Parameter(torch.ones(config.hidden_size))
+            self.alpha_factor = 0.05 * math.sqrt(config.hidden_size)
         if config.linear_output_norm:
             normalize_linear_outputs(self.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj"), config.rms_norm_eps)
             normalize_linear_outputs(self.mlp, ("gate_proj", "up_proj", "down_proj"), config.rms_norm_eps)
@@ -189,6 +264,10 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         return x - a * (x.detach() if self.config.gpas_stop_gradient else x)
 
     def residual_block(self, x, norm, sublayer_fn, branch_norm, sublayer: int, mean_square=None) -> torch.Tensor:
+        if self.ngpt:  # x' = norm(norm(x) + |α| ⊙ (norm(f(x)) − norm(x)))
+            alpha = ((self.attn_alpha, self.mlp_alpha)[sublayer] * self.alpha_factor).abs().to(x.dtype)
+            a = unit(x)
+            return unit(a + alpha * (unit(sublayer_fn(x)) - a))
         if self.post_norm:
             shortcut = self.gate(x, sublayer, "shortcut") * self.shortcut_scale
             return norm(shortcut + sublayer_fn(x))
@@ -261,7 +340,7 @@ class MegatronGPASForCausalLM(MegatronGPASPreTrainedModel, LlamaForCausalLM):
         MegatronGPASPreTrainedModel.__init__(self, config)
         self.model = MegatronGPASModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ScaledHead(config) if config.ngpt else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 
