@@ -236,7 +236,15 @@ NORM_ROWS = {
     "simplenorm": ({"norm": {"scheme": "simplenorm", "eps": 1e-5}},
                    "SimpleNorm (SimpleGPT): RMSNorm(W x) after every linear (q, k, v over their full widths, o, "
                    "W_1, W_3, W_2), no pre-norms, the final norm, SimpleGPT's init, eps 1e-5 (§6)."),
+    "ngpt": ({"norm": {"scheme": "ngpt"},
+              "optim": {"lr": 1.5e-3, "min_lr_ratio": 0.0, "warmup_steps": 0, "adam_beta2": 0.95, "weight_decay": 0.0,
+                        "clip_grad": 1.0}},
+             "nGPT: h <- norm(norm(h) + |alpha| (norm(f(h)) - norm(h))), no norm layers, weights unit-norm along d_model "
+             "after every step; the official code's optimizer (AdamW 0.9/0.95, LR 1.5e-3, no weight decay, no warmup, "
+             "cosine to 0, clip 1.0) on the paper's shape and token budget (§7.1). No GPAS variant: norm.scheme=ngpt "
+             "refuses it (docs/norm-schemes.md)."),
 }
+NO_GPAS_ROWS = ("ngpt",)  # schemes without a GPAS placement (Scheme.gpas_refusal)
 
 
 def dyt_alpha0(width: int) -> list[float]:
@@ -270,6 +278,10 @@ def _norm_config(size: str, name: str, gpas: bool) -> tuple[str, str]:
     if name == "dyt":
         lines.insert(1, f"alpha0 {dyt_alpha0(WIDTH[size])} (attention, MLP, final): DyT's README gives values only "
                         "for widths >= 4096; these follow its paper's width study (unverified; sweep).")
+    if "lr" in changes.get("optim", {}):  # the scheme's own optimizer settings: the paper's recipe lines do not apply
+        start = next(i for i, line in enumerate(lines) if line.startswith("Recipe:"))
+        end = next(i for i, line in enumerate(lines) if i > start and not line.strip())
+        lines[start:end] = ["Recipe: the paper's steps, batch and sequence length; the optimizer settings above."]
     lines = [line.replace(f"examples/paper/{config_name('pre', gpas, size)}.yaml", f"examples/norms/{run}.yaml")
              for line in lines]
     if cfg["optim"].get("optimizer") == "muon":
@@ -330,7 +342,7 @@ def _recipes() -> list[tuple[str, str]]:
         "data": {"paths": ["data/c4_llama3_train_text_document"], "split": "99,1,0",
                  "tokenizer": {"kind": "huggingface", "path": "tokenizers/llama3/tokenizer.json"}},
     }
-    return [*_simplegpt_recipes(),
+    return [*_simplegpt_recipes(), *_ngpt_recipes(),
         _recipe("osp_1.4b_muon", "OSP's 1.4B setup: single-scale RMSNorm + EmbProj + Muon", osp, [
             "OSP (methods.md §4, research-wave2.md §3.4): Muon on the hidden matrices and EmbProj (Nesterov, the",
             "'simple' Newton-Schulz coefficients, 5 steps, update 0.2 * sqrt(max(m, n)), decoupled weight decay 0.01),",
@@ -354,6 +366,44 @@ def _recipes() -> list[tuple[str, str]]:
             "sequences (its 1B sweep), per-device batch 16 on 8 GPUs, C4 en. c_attn is refreshed every",
             "max(1, min(1000, steps / 50)) = 400 steps. The head is untied here (Llama 3.2 ties it).",
         ]),
+    ]
+
+
+def _ngpt_recipes() -> list[tuple[str, str]]:
+    """nGPT's 0.5B and 1B (methods.md §7.1; the official code NVIDIA/ngpt train.py): AdamW (0.9, 0.95), no
+    weight decay, no warmup, cosine to 0, clip 1.0, LR 15e-4, 1024-token context, the GPT-2 vocabulary."""
+
+    def recipe(layers: int, width: int, heads: int) -> dict:
+        return {
+            "model": {"num_layers": layers, "hidden_size": width, "num_attention_heads": heads,
+                      "ffn_hidden_size": 4 * width, "vocab_size": 50304, "max_seq_length": 1024,
+                      "rope_base": 10000.0, "backend": "local"},
+            "norm": {"scheme": "ngpt"},
+            "gpas": {"enabled": False},
+            "parallel": {"tensor": 1, "pipeline": 1, "sequence_parallel": False, "distributed_optimizer": True},
+            "train": {"steps": 100_000, "seq_length": 1024, "micro_batch_size": 8, "global_batch_size": 512,
+                      "seed": 42, "precision": "auto", "eval_interval": 1000, "eval_iters": 20},
+            "optim": {"lr": 1.5e-3, "min_lr_ratio": 0.0, "warmup_steps": 0, "decay_style": "cosine",
+                      "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "weight_decay": 0.0, "clip_grad": 1.0},
+            "data": {"paths": ["data/openwebtext_gpt2_text_document"], "split": "99,1,0",
+                     "tokenizer": {"kind": "huggingface", "path": "tokenizers/gpt2/tokenizer.json"}},
+        }
+
+    common = [
+        "nGPT (methods.md §7.1): no norm layers; h <- norm(norm(h) + |alpha| (norm(f(h)) - norm(h))) after the",
+        "attention and the MLP; s_qk on per-head unit q and k (after RoPE), attention scale sqrt(head_dim), s_uv",
+        "on the MLP input (x sqrt(d)), s_z on the logits, no final norm; the rows of the embedding, head,",
+        "W_q, W_k, W_v, fc1 and the columns of W_o, W_2 renormalised after every optimizer step (fp32 masters).",
+        "The official code's optimizer: AdamW (0.9, 0.95), LR 15e-4, no weight decay, no warmup, cosine to 0,",
+        "clip 1.0; 1024-token context, the GPT-2 vocabulary (50304 padded), FFN 4d, batch 512 sequences.",
+        "The step count (here 100K, 52B tokens) is a placeholder: set the token budget of the experiment.",
+        "No GPAS variant: norm.scheme=ngpt refuses gpas.enabled (docs/norm-schemes.md).",
+    ]
+    return [
+        _recipe("ngpt_0.5b", "nGPT 0.5B (24 layers, d 1024, 16 heads): the official code's recipe",
+                recipe(24, 1024, 16), [*common, "8 GPUs: DP=8 with the distributed optimizer, 8 micro-batches of 8."]),
+        _recipe("ngpt_1b", "nGPT 1B (36 layers, d 1280, 20 heads): the official code's recipe",
+                recipe(36, 1280, 20), [*common, "8 GPUs: DP=8 with the distributed optimizer, 8 micro-batches of 8."]),
     ]
 
 
@@ -413,7 +463,8 @@ def render_all() -> dict[str, str]:
     files = dict(_paper_config(size, scheme, gpas, row) for size in PAPER for scheme, gpas, row in ROWS
                  if size != "7b" or scheme == "pre")  # the paper ran 7B for Pre-LN and Pre+GPAS only
     files.update([_llama3_config()])
-    files.update(_norm_config(size, name, gpas) for size in WIDTH for name in NORM_ROWS for gpas in (False, True))
+    files.update(_norm_config(size, name, gpas) for size in WIDTH for name in NORM_ROWS for gpas in (False, True)
+                 if not (gpas and name in NO_GPAS_ROWS))
     files.update(_recipes())
     return files
 
