@@ -29,4 +29,4 @@ class MegatronGPASConfig(LlamaConfig):
     final_norm_type: str | None = None  # None: norm_type
     bhyt_kappa: float = 10.0
     linear_output_norm: bool = False  # SimpleNorm: an RMSNorm on the output of every projection
-    ngpt: bool = False  # nGPT: the sphere updates, s_qk/s_uv/s_z and the √head_dim attention scale (norm_type none)
+    normalized_transformer: bool = False  # nGPT: the sphere updates, s_qk/s_uv/s_z and the √head_dim attention scale (norm_type none)

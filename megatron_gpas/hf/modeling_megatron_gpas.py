@@ -28,7 +28,7 @@ of every projection (q, k, v over their whole width, o, gate, up, down):
     simplenorm x' = x + RMSNorm_o(W_o·Attn(RMSNorm_q(W_q x), RMSNorm_k(W_k x), RMSNorm_v(W_v x)))
                x' = x + RMSNorm_down(W_down(silu(RMSNorm_gate(W_gate x)) ⊙ RMSNorm_up(W_up x)))
 
-nGPT (``ngpt``, norm_type and final_norm_type ``none``), norm(v) = v/‖v‖₂, scales stored
+nGPT (``normalized_transformer``, norm_type and final_norm_type ``none``), norm(v) = v/‖v‖₂, scales stored
 reparameterised as trained (s = ŝ · factor, base = 1/√d):
 
     q, k = RoPE(W_q x, W_k x);  q, k ← s_qk ⊙ norm_head(q), s_qk ⊙ norm_head(k)   s_qk = ŝ_qk·√d
@@ -231,7 +231,7 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         self.config = config
         layer_number = layer_idx + 1
         scheme = config.norm_scheme
-        self.ngpt = config.ngpt
+        self.ngpt = config.normalized_transformer
         self.self_attn = (NGPTAttention if self.ngpt else LlamaAttention)(config=config, layer_idx=layer_idx)
         self.mlp = (NGPTMLP if self.ngpt else LlamaMLP)(config)
         if self.ngpt:  # α̂ of the sphere updates (α = α̂·0.05·√d)
@@ -340,7 +340,7 @@ class MegatronGPASForCausalLM(MegatronGPASPreTrainedModel, LlamaForCausalLM):
         MegatronGPASPreTrainedModel.__init__(self, config)
         self.model = MegatronGPASModel(config)
         self.vocab_size = config.vocab_size
-        self.lm_head = ScaledHead(config) if config.ngpt else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ScaledHead(config) if config.normalized_transformer else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 

@@ -213,7 +213,7 @@ class NGPT(Scheme):
 
     def export_plan(self, cfg) -> ExportPlan:
         return ExportPlan(llama_reason="nGPT renormalises the residual stream after every block (no norm layers)",
-                          hf_fields={"norm_type": "none", "final_norm_type": "none", "ngpt": True})
+                          hf_fields={"norm_type": "none", "final_norm_type": "none", "normalized_transformer": True})
 
 
 NGPT_SCHEMES = (NGPT(),)
