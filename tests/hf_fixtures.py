@@ -66,3 +66,49 @@ def make_tiny_hf_model_dir(path: str | Path, *, num_layers: int = 2, hidden_size
     model.save_pretrained(path)  # config.json + model.safetensors
     tokenizer.save_pretrained(path)
     return path
+
+
+# --------------------------------------------------------------------------- export parity
+
+PROBE_SEQ = 16
+
+
+def probe_megatron(ws: Path, name: str, overrides: list[str], checkpoint: Path) -> dict:
+    """One process: the weights of ``checkpoint`` loaded with the run ``overrides`` (any TP layout), their
+    logits on a probe batch and their greedy continuation of a prompt (the whole sequence recomputed each step)."""
+    import torch
+    from test_parallel import _launch
+
+    g = torch.Generator().manual_seed(3)
+    probe = {"tokens": torch.randint(0, 256, (2, PROBE_SEQ), generator=g).tolist(),
+             "greedy_prompt": torch.randint(0, 256, (1, 5), generator=g).tolist(), "greedy_steps": 6,
+             "out": str(ws / "probe.pt")}
+    overrides = [*overrides, f"checkpoint.load='{checkpoint}'", "checkpoint.load_optimizer=false",
+                 f"checkpoint.save='{ws / (name + '_ckpt')}'"]
+    _launch(ws, name, 1, [{"name": "probe", "kind": "save_init", "probe": probe, "overrides": overrides}], timeout=300)
+    return torch.load(probe["out"]) | {"probe": probe}
+
+
+def assert_custom_export_matches(checkpoint: Path, out_dir: Path, megatron_probe: dict) -> None:
+    """``checkpoint`` exported to our HF class: logits equal Megatron's within 1e-5 of their scale, greedy
+    generation (KV cache) the same tokens."""
+    import torch
+    from test_model_reference import LOGIT_REL_TOL, assert_rel_close
+    from transformers import AutoModelForCausalLM
+
+    from megatron_gpas.hf.export import export_checkpoint
+
+    result = export_checkpoint(str(checkpoint), str(out_dir), progress=False)
+    assert result.format == "custom", result.reason
+    model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(model).__name__ == "MegatronGPASForCausalLM"
+    probe = megatron_probe["probe"]
+    with torch.no_grad():
+        logits = model(torch.tensor(probe["tokens"])).logits
+    reference = megatron_probe["logits"]
+    assert logits.shape == reference.shape
+    assert_rel_close(logits, reference, LOGIT_REL_TOL, "HF logits")
+    prompt = torch.tensor(probe["greedy_prompt"])
+    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=probe["greedy_steps"],
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert generated.tolist() == megatron_probe["greedy"].tolist()

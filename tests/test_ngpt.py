@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from test_model_reference import BATCH, GRAD_REL_TOL, LOGIT_REL_TOL, SEQ, assert_rel_close, inputs, ref_rope
+from test_simplenorm import _build, _from_init, _shape
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -112,19 +113,6 @@ def _cfg(*overrides):
     from megatron_gpas.config import load_config
 
     return load_config(None, [*BASE_OVERRIDES, *overrides])
-
-
-def _shape(cfg) -> dict:
-    m = cfg.model
-    return {"layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_attention_heads,
-            "head_dim": m.hidden_size // m.num_attention_heads, "ffn": m.ffn_hidden_size,
-            "rope_base": m.rope_base, "vocab": m.vocab_size}
-
-
-def _build(cfg):
-    from megatron_gpas.model.builder import build_model_chunks, transformer_config
-
-    return build_model_chunks(cfg, transformer_config(cfg, bf16=False, on_cpu=True))[0]
 
 
 @torch.no_grad()
@@ -239,10 +227,6 @@ def _run_overrides(ws, run: str, *extra: str) -> list[str]:
             *synthetic_run_overrides(ws, ws / "runs" / run), *extra]
 
 
-def _from_init(ws) -> list[str]:
-    return [f"checkpoint.load='{ws / 'ckpt_init'}'", "checkpoint.load_optimizer=false"]
-
-
 @pytest.fixture(scope="module")
 def single(workspace) -> dict:
     """One process: the step-0 checkpoint, the 4-step reference, steps 1-2 saved then resumed for 3-4."""
@@ -347,46 +331,18 @@ def test_initial_weights_are_the_same_under_tp2(single, multi):
 
 # =========================================================================== Hugging Face export
 
-PROBE_SEQ = 16
-
-
 @pytest.fixture(scope="module")
 def megatron_probe(workspace, multi) -> dict:
-    """One process: the TP=2+SP step-3 checkpoint loaded at TP=1, its logits on a probe batch and its
-    greedy continuation of a prompt (the whole sequence recomputed each step)."""
-    from test_parallel import _launch
+    """The TP=2+SP step-3 checkpoint loaded at TP=1: its logits and greedy tokens (hf_fixtures.probe_megatron)."""
+    from hf_fixtures import probe_megatron
 
-    ws = workspace
-    g = torch.Generator().manual_seed(3)
-    probe = {"tokens": torch.randint(0, 256, (2, PROBE_SEQ), generator=g).tolist(),
-             "greedy_prompt": torch.randint(0, 256, (1, 5), generator=g).tolist(), "greedy_steps": 6,
-             "out": str(ws / "probe.pt")}
-    case = {"name": "probe", "kind": "save_init", "probe": probe,
-            "overrides": _run_overrides(ws, "probe", f"checkpoint.load='{ws / 'ckpt_tp2'}'",
-                                        "checkpoint.load_optimizer=false", f"checkpoint.save='{ws / 'ckpt_probe'}'")}
-    _launch(ws, "ngpt_probe", 1, [case], timeout=300)
-    return torch.load(probe["out"]) | {"probe": probe}
+    return probe_megatron(workspace, "ngpt_probe", _run_overrides(workspace, "probe"), workspace / "ckpt_tp2")
 
 
 def test_export_matches_megatron(workspace, megatron_probe):
     """The TP=2 checkpoint exported to our HF class (sphere updates, s_qk after RoPE, the √head_dim
     attention scale, s_uv, s_z, no final norm): logits equal Megatron's within 1e-5 of their scale,
     greedy generation (KV cache) the same tokens."""
-    from transformers import AutoModelForCausalLM
+    from hf_fixtures import assert_custom_export_matches
 
-    from megatron_gpas.hf.export import export_checkpoint
-
-    result = export_checkpoint(str(workspace / "ckpt_tp2"), str(workspace / "hf"), progress=False)
-    assert result.format == "custom", result.reason
-    model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    assert type(model).__name__ == "MegatronGPASForCausalLM"
-    probe = megatron_probe["probe"]
-    with torch.no_grad():
-        logits = model(torch.tensor(probe["tokens"])).logits
-    reference = megatron_probe["logits"]
-    assert logits.shape == reference.shape
-    assert_rel_close(logits, reference, LOGIT_REL_TOL, "HF logits")
-    prompt = torch.tensor(probe["greedy_prompt"])
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=probe["greedy_steps"],
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert generated.tolist() == megatron_probe["greedy"].tolist()
+    assert_custom_export_matches(workspace / "ckpt_tp2", workspace / "hf", megatron_probe)

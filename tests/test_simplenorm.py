@@ -566,43 +566,17 @@ def test_tp1_checkpoint_resumes_under_tp2_sp(single, multi):
 
 # =========================================================================== Hugging Face export
 
-PROBE_SEQ = 16
-
-
 @pytest.fixture(scope="module")
 def megatron_probe(workspace, multi) -> dict:
-    """One process: the TP=2+SP step-4 checkpoint loaded at TP=1, its logits on a probe batch and its
-    greedy continuation of a prompt (the whole sequence recomputed each step)."""
-    ws = workspace
-    g = torch.Generator().manual_seed(3)
-    probe = {"tokens": torch.randint(0, 256, (2, PROBE_SEQ), generator=g).tolist(),
-             "greedy_prompt": torch.randint(0, 256, (1, 5), generator=g).tolist(), "greedy_steps": 6,
-             "out": str(ws / "probe.pt")}
-    case = {"name": "probe", "kind": "save_init", "probe": probe,
-            "overrides": _run_overrides(ws, "probe", f"checkpoint.load='{ws / 'ckpt_tp2'}'",
-                                        "checkpoint.load_optimizer=false", f"checkpoint.save='{ws / 'ckpt_probe'}'")}
-    _launch(ws, "simplenorm_probe", 1, [case], timeout=300)
-    return torch.load(probe["out"]) | {"probe": probe}
+    """The TP=2+SP step-4 checkpoint loaded at TP=1: its logits and greedy tokens (hf_fixtures.probe_megatron)."""
+    from hf_fixtures import probe_megatron
+
+    return probe_megatron(workspace, "simplenorm_probe", _run_overrides(workspace, "probe"), workspace / "ckpt_tp2")
 
 
 def test_export_matches_megatron(workspace, megatron_probe):
     """The TP=2 checkpoint exported to our HF class (an RMSNorm on every projection's output, no
     pre-norms): logits equal Megatron's within 1e-5 of their scale, greedy generation (KV cache) the same."""
-    from transformers import AutoModelForCausalLM
+    from hf_fixtures import assert_custom_export_matches
 
-    from megatron_gpas.hf.export import export_checkpoint
-
-    result = export_checkpoint(str(workspace / "ckpt_tp2"), str(workspace / "hf"), progress=False)
-    assert result.format == "custom", result.reason
-    model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    assert type(model).__name__ == "MegatronGPASForCausalLM"
-    probe = megatron_probe["probe"]
-    with torch.no_grad():
-        logits = model(torch.tensor(probe["tokens"])).logits
-    reference = megatron_probe["logits"]
-    assert logits.shape == reference.shape
-    assert_rel_close(logits, reference, LOGIT_REL_TOL, "HF logits")
-    prompt = torch.tensor(probe["greedy_prompt"])
-    generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=probe["greedy_steps"],
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert generated.tolist() == megatron_probe["greedy"].tolist()
+    assert_custom_export_matches(workspace / "ckpt_tp2", workspace / "hf", megatron_probe)

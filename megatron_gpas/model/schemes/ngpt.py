@@ -27,6 +27,7 @@ forward, and a gate after the norm would take h off the sphere that the whole me
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -94,8 +95,7 @@ class ScaledQK:
 
     def __init__(self, *args, config, **kwargs):
         super().__init__(*args, config=config, **kwargs)
-        tp = self.tp_group.size() if getattr(self, "tp_group", None) is not None else 1
-        heads = config.num_attention_heads // tp
+        heads = config.num_attention_heads // tensor_parallel_group(self).size()
         self.sqk = Scale(config, heads * config.kv_channels, 1.0, config.hidden_size ** -0.5, tp_partitioned=True)
 
     def forward(self, query, key, value, *args, **kwargs):
@@ -105,18 +105,14 @@ class ScaledQK:
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         sharded.update(tp_sharded_entries({"sqk.weight": self.sqk.weight}, prefix, sharded_offsets, metadata,
-                                          self.tp_group))
+                                          tensor_parallel_group(self)))
         return sharded
 
 
-_scaled_qk_classes: dict[type, type] = {}
-
-
+@functools.cache
 def scaled_qk(core_attention: type) -> type:
-    if core_attention not in _scaled_qk_classes:
-        _scaled_qk_classes[core_attention] = type(f"ScaledQK{core_attention.__name__}", (ScaledQK, core_attention),
-                                                  {"__module__": __name__})
-    return _scaled_qk_classes[core_attention]
+    """``core_attention`` (SDPA, Megatron's or TE's) with nGPT's q/k normalisation and s_qk in front."""
+    return type(f"ScaledQK{core_attention.__name__}", (ScaledQK, core_attention), {"__module__": __name__})
 
 
 class UVScale(nn.Module):
