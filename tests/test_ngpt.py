@@ -349,3 +349,28 @@ def test_export_matches_megatron(workspace, megatron_probe):
     from hf_fixtures import assert_custom_export_matches
 
     assert_custom_export_matches(workspace / "ckpt_tp2", workspace / "hf", megatron_probe)
+
+
+def test_hf_import_round_trip_is_bitwise(workspace, multi):
+    """Megatron (TP=2) → our HF class → Megatron (tools/convert_from_hf.py's path, 1 process): every model
+    tensor back bitwise (the vocabulary tensors' real rows; s_qk, s_uv, s_z, α included)."""
+    from test_parallel import _launch
+
+    from megatron_gpas import checkpoint
+    from megatron_gpas.hf.dcp_reader import CheckpointReader
+    from megatron_gpas.hf.export import export_checkpoint
+
+    ws = workspace
+    export_checkpoint(str(ws / "ckpt_tp2"), str(ws / "hf_round_trip"), progress=False)
+    case = {"name": "import", "kind": "import_hf", "hf_dir": str(ws / "hf_round_trip"), "save": str(ws / "ckpt_imported"),
+            "overrides": []}
+    imported = CheckpointReader(_launch(ws, "ngpt_import", 1, [case], timeout=300)[0]["cases"]["import"]["path"])
+    original = CheckpointReader(checkpoint.find_latest(str(ws / "ckpt_tp2")))
+    keys = {k for k in original.metadata if not k.startswith("optimizer.")}
+    assert keys == {k for k in imported.metadata if not k.startswith("optimizer.")}
+    vocab = 256
+    for key in sorted(keys):
+        a, b = original.read(key), imported.read(key)
+        if key.startswith(("embedding.", "output_layer.", "logit_transform.")):
+            a, b = a[:vocab], b[:vocab]
+        assert torch.equal(a, b), key
