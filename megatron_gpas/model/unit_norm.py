@@ -34,31 +34,31 @@ def normalize_(weight: torch.Tensor, axis: int) -> torch.Tensor:
     return weight
 
 
-def _vector_index(shape: torch.Size, axis: int, start: int, numel: int) -> torch.Tensor:
+def _vector_index(shape: torch.Size, axis: int, start: int, numel: int, device) -> torch.Tensor:
     """For the elements [start, start + numel) of a flattened 2-D weight, the vector (along
     ``axis``) each one belongs to: its row for axis 1, its column for axis 0."""
-    flat = torch.arange(start, start + numel)
+    flat = torch.arange(start, start + numel, device=device)
     return flat // shape[1] if axis == 1 else flat % shape[1]
 
 
 @torch.no_grad()
 def _project_flat_shards(pieces: list[tuple[torch.Size, int, torch.Tensor | None, int]], group) -> None:
     """``pieces``: (weight shape, axis, this rank's flat fp32 range or None, its start) for the same
-    weights in the same order on every rank of ``group``: one all-reduce of all partial sums."""
+    weights in the same order on every rank of ``group``: one all-reduce of all partial sums
+    (float64, on the GPU where there is one: every rank, owner or not, takes part)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     sums = []
     for shape, axis, shard, start in pieces:
-        part = torch.zeros(shape[1 - axis], dtype=torch.float64)
+        part = torch.zeros(shape[1 - axis], dtype=torch.float64, device=device)
         if shard is not None:
-            part.index_add_(0, _vector_index(shape, axis, start, shard.numel()), shard.double().pow(2))
+            part.index_add_(0, _vector_index(shape, axis, start, shard.numel(), device), shard.double().pow(2))
         sums.append(part)
-    total = torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64)
-    device = next((s.device for _, _, s, _ in pieces if s is not None), total.device)
-    total = total.to(device)
+    total = torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64, device=device)
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(total, group=group)
     for (shape, axis, shard, start), norms in zip(pieces, total.split([len(part) for part in sums])):
         if shard is not None:
-            index = _vector_index(shape, axis, start, shard.numel()).to(device)
+            index = _vector_index(shape, axis, start, shard.numel(), device)
             shard.copy_(shard.double() / norms.sqrt()[index])
 
 
@@ -73,6 +73,8 @@ def project_unit_norm(optimizer, axes: dict[torch.nn.Parameter, int]) -> None:
     if not axes:
         return
     for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False):  # no parameters of its kind here (frozen sub-models)
+            continue
         if hasattr(opt, "model_param_gbuf_map"):  # DistributedOptimizer
             owned = {}
             for model_group, main_group in zip(opt.model_float16_groups + opt.model_fp32_groups,
