@@ -262,6 +262,9 @@ def multi(workspace, single) -> list[dict]:
               "overrides": _run_overrides(ws, layout, *overrides, *_from_init(ws), f"train.exit_after_steps={EQUIV_STEPS}",
                                           *([f"checkpoint.save='{ws / 'ckpt_tp2'}'"] if layout == "tp2_sp" else []))}
              for layout, overrides in LAYOUTS.items()]
+    cases.append({"name": "resume_tp2_sp", "kind": "train", "checksums": True, "unit_norms": True,
+                  "overrides": _run_overrides(ws, "resume_tp2_sp", *LAYOUTS["tp2_sp"],
+                                              f"checkpoint.load='{ws / 'ckpt_half'}'")})
     cases.append({"name": "fresh_tp2_sp", "kind": "save_init",
                   "overrides": _run_overrides(ws, "fresh_tp2_sp", *LAYOUTS["tp2_sp"], f"checkpoint.save='{ws / 'fresh_tp2'}'")})
     return [r["cases"] for r in _launch(ws, "ngpt_multi", 2, cases, timeout=400)]
@@ -315,6 +318,20 @@ def test_resume_is_bitwise(single):
     got = _merge_checksums([resumed["records"][-1]["checksums"]])
     want = _merge_checksums([reference[-1]["checksums"]])
     assert {k: v[:3] for k, v in got.items()} == {k: v[:3] for k, v in want.items()}
+
+
+def test_tp1_checkpoint_resumes_under_tp2_sp(single, multi):
+    """The 1-process step-2 checkpoint (s_qk, s_uv and s_z resharded over TP, optimizer state included)
+    continues under TP=2+SP as the uninterrupted 1-process run, its weights on the sphere after every step."""
+    from test_parallel_schemes import _resumed_run_mismatches
+
+    ref = single["reference"]["records"][SAVE_AT:]
+    runs = [c["resume_tp2_sp"] for c in multi]
+    assert runs[0]["start_step"] == SAVE_AT and [r["step"] for r in runs[0]["records"]] == [SAVE_AT + 1, STEPS]
+    for rank, run in enumerate(runs):
+        _assert_unit_norms(run["records"], f"resumed under TP=2+SP, rank {rank}")
+    problems = _resumed_run_mismatches(runs, ref, gpas=False)
+    assert not problems, "\n  ".join(problems)
 
 
 def test_initial_weights_are_the_same_under_tp2(single, multi):

@@ -285,6 +285,18 @@ def _record_mismatches(run: list[dict], ref: list[dict], gpas: bool, alpha_atol:
     return problems
 
 
+def _resumed_run_mismatches(runs: list[dict], ref: list[dict], gpas: bool) -> list[str]:
+    """A checkpoint resumed in another layout (``runs``: its ranks' results) against the uninterrupted
+    run's records from the same step (``ref``): per-step numbers, the learning rate, and the weights
+    after the last step (not Σ(w − w₀)²: the resumed run's w₀ is the checkpoint's)."""
+    problems = _record_mismatches(runs[0]["records"], ref, gpas=gpas)
+    problems += [f"step {r['step']}: lr {r['lr']} vs {q['lr']}" for r, q in zip(runs[0]["records"], ref) if r["lr"] != q["lr"]]
+    problems += _checksum_mismatches(_merge_checksums([c["records"][-1]["checksums"] for c in runs]),
+                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {ref[-1]['step']}",
+                                     moved=False)
+    return problems
+
+
 def _without_checksums(records: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "checksums"} for r in records]
 

@@ -42,7 +42,7 @@ from test_model_reference import (
     ref_rope,
 )
 from test_parallel import _launch
-from test_parallel_schemes import _checksum_mismatches, _merge_checksums, _record_mismatches
+from test_parallel_schemes import _checksum_mismatches, _merge_checksums, _record_mismatches, _resumed_run_mismatches
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -556,11 +556,7 @@ def test_tp1_checkpoint_resumes_under_tp2_sp(single, multi):
     ref = single["reference"]["records"][SAVE_AT:]
     runs = [c["resume_tp2_sp"] for c in multi]
     assert runs[0]["start_step"] == SAVE_AT and [r["step"] for r in runs[0]["records"]] == [SAVE_AT + 1, STEPS]
-    problems = _record_mismatches(runs[0]["records"], ref, gpas=True)
-    problems += [f"step {r['step']}: lr {r['lr']} vs {q['lr']}" for r, q in zip(runs[0]["records"], ref) if r["lr"] != q["lr"]]
-    problems += _checksum_mismatches(_merge_checksums([c["records"][-1]["checksums"] for c in runs]),
-                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {STEPS}",
-                                     moved=False)  # the resumed run's w₀ is the step-2 weights
+    problems = _resumed_run_mismatches(runs, ref, gpas=True)
     assert not problems, "\n  ".join(problems)
 
 
