@@ -16,7 +16,7 @@ The projection: after every optimizer step the rows of the embedding, head, W_q/
 the columns of W_o and W_2 have norm 1 (1e-6) and the optimizer's fp32 master copies equal the model's
 values — checked in 1 process and, with real gloo processes, under TP=2+SP, PP=2 and DP=2 with the
 distributed optimizer (whose flat shards cut weights apart, asserted), where the runs also match one
-process within test_parallel_schemes' tolerances. Bitwise: a resume in one process, and a fresh
+process within test_parallel_schemes' tolerances. Bitwise: a resume and full/selective recompute in one process, and a fresh
 TP=2+SP build against the 1-process weights. Last, the TP=2 checkpoint exported to our HF class
 (logits 1e-5, greedy tokens). About 90 s on two CPU cores.
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from test_model_reference import BATCH, GRAD_REL_TOL, LOGIT_REL_TOL, SEQ, assert_rel_close, inputs, ref_rope
-from test_simplenorm import _build, _from_init, _shape
+from test_simplenorm import RECOMPUTE, _build, _from_init, _shape
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -246,6 +246,10 @@ def single(workspace) -> dict:
                                      f"train.exit_after_steps={SAVE_AT}")},
         {"name": "second_half", "kind": "train", "checksums": True, "unit_norms": True,
          "overrides": _run_overrides(ws, "second_half", f"checkpoint.load='{ws / 'ckpt_half'}'")},
+        *({"name": f"recompute_{name}", "kind": "train",
+           "overrides": _run_overrides(ws, f"recompute_{name}", *overrides, *_from_init(ws),
+                                       f"train.exit_after_steps={EQUIV_STEPS}")}
+          for name, overrides in RECOMPUTE.items()),
         {"name": "fresh_single", "kind": "save_init",
          "overrides": _run_overrides(ws, "fresh_single", f"checkpoint.save='{ws / 'fresh_single'}'")},
     ]
@@ -305,6 +309,16 @@ def test_layout_keeps_unit_norms_and_matches_single_process(layout, single, mult
         for rank, cases in enumerate(multi):
             audit = cases[layout]["sp_audit"]
             assert not audit["offenders"], f"rank {rank}: replicated parameters without the SP tag: {audit['offenders']}"
+
+
+@pytest.mark.parametrize("name", list(RECOMPUTE))
+def test_recompute_is_bitwise(name, single):
+    """Full (the layer) and selective (core attention with s_qk, MLP with s_uv) recomputation: every
+    step's loss, gradient norms and learning rate exactly those of the run without it."""
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("checksums", "unit_norms")}  # noqa: E731
+    run, ref = single[f"recompute_{name}"]["records"], single["reference"]["records"][:EQUIV_STEPS]
+    assert [r["step"] for r in run] == list(range(1, EQUIV_STEPS + 1))
+    assert [strip(r) for r in run] == [strip(r) for r in ref]
 
 
 def test_resume_is_bitwise(single):
