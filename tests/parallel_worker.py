@@ -259,10 +259,32 @@ def _sequence_parallel_audit(trainer: Trainer) -> dict:
 
 
 def run_dataset(case: dict) -> dict:
-    if _rank() == 0:
+    """Rank 0 writes the dataset (once per prefix and vocabulary: it is deterministic); the others
+    wait for it. Before the first Trainer there is no process group to barrier on, so rank 0 marks
+    the finished files with ``PREFIX.ready`` holding the vocabulary size."""
+    ready, vocab = case["prefix"] + ".ready", str(case.get("vocab_size", 256))
+
+    def written() -> bool:
+        try:
+            with open(ready) as f:
+                return f.read() == vocab
+        except FileNotFoundError:
+            return False
+
+    if _rank() == 0 and not written():
         from synthetic import write_synthetic_dataset
 
-        write_synthetic_dataset(case["prefix"], vocab_size=case.get("vocab_size", 256))
+        if os.path.exists(ready):
+            os.remove(ready)
+        write_synthetic_dataset(case["prefix"], vocab_size=int(vocab))
+        with open(ready + ".tmp", "w") as f:
+            f.write(vocab)
+        os.replace(ready + ".tmp", ready)
+    deadline = time.monotonic() + 120
+    while not written():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {_rank()}: rank 0 did not write the dataset {case['prefix']} within 120 s")
+        time.sleep(0.05)
     if dist.is_initialized():
         dist.barrier()
     return {"prefix": case["prefix"]}
