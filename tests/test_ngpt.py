@@ -30,20 +30,14 @@ import torch
 import torch.nn.functional as F
 
 from test_model_reference import BATCH, GRAD_REL_TOL, LOGIT_REL_TOL, SEQ, assert_rel_close, inputs, ref_rope
-from test_simplenorm import RECOMPUTE, _build, _from_init, _shape
+from test_simplenorm import RECOMPUTE, TINY_OVERRIDES, _build, _from_init, _shape
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-BASE_OVERRIDES = [
-    "model.preset=tiny",  # 4 layers, hidden 64, 4 heads, ffn 172
-    "model.vocab_size=256",
-    "model.make_vocab_size_divisible_by=64",
-    "train.seq_length=32",
-    "norm.scheme=ngpt",
-]
+BASE_OVERRIDES = [*TINY_OVERRIDES, "norm.scheme=ngpt"]
 UNIT_TOL = 1e-6
 
 

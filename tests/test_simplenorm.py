@@ -49,14 +49,10 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 
-BASE_OVERRIDES = [
-    "model.preset=tiny",  # 4 layers, hidden 64, 4 heads, ffn 172
-    "model.vocab_size=256",
-    "model.make_vocab_size_divisible_by=64",
-    "train.seq_length=32",
-    "norm.scheme=simplenorm",
-    "norm.eps=1e-5",
-]
+# the tiny shape of the scheme tests (test_ngpt.py too): 4 layers, hidden 64, 4 heads, ffn 172
+TINY_OVERRIDES = ["model.preset=tiny", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
+                  "train.seq_length=32"]
+BASE_OVERRIDES = [*TINY_OVERRIDES, "norm.scheme=simplenorm", "norm.eps=1e-5"]
 GATES = [(0.3, -0.2), (-0.5, 0.6), (0.9, 0.4), (0.1, -0.7)]
 
 

@@ -343,13 +343,12 @@ def _commit() -> str | None:
 
 
 def missing_modules() -> dict[str, str]:
-    return {module: dist for module, dist in REQUIRED_MODULES.items() if importlib.util.find_spec(
-        module.split(".")[0]) is None or (module == "megatron.core" and not _has_megatron_core())}
+    return {module: dist for module, dist in REQUIRED_MODULES.items() if not _importable(module)}
 
 
-def _has_megatron_core() -> bool:
-    try:
-        return importlib.util.find_spec("megatron.core") is not None
+def _importable(module: str) -> bool:
+    try:  # a dotted name raises when its parent package is missing
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
 
@@ -615,7 +614,7 @@ def main(argv=None) -> int:
     if missing and args.wheels:
         install_wheels(args.wheels, args.site)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [args.site, os.environ.get("PYTHONPATH")]))}
-        argv_again = [a for a in (argv if argv is not None else sys.argv[1:])]
+        argv_again = list(argv if argv is not None else sys.argv[1:])
         # start again with the installed packages importable (and without installing twice)
         return subprocess.run([sys.executable, os.path.abspath(__file__), *_without_wheels(argv_again)],
                               env=env).returncode
