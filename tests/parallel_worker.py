@@ -93,15 +93,31 @@ PROBED = {"layer": "", "core_attention": "self_attention.core_attention", "mlp":
 
 
 def _unit_norm_errors(trainer: Trainer) -> dict:
-    """This rank's weights the scheme keeps unit-norm (``unit_norm_axes``): the largest |‖v‖ − 1| of
-    their vectors in the model, and the largest difference between the optimizer's fp32 master copy
-    (the distributed optimizer's flat shard, the Float16 optimizer's whole copy) and the model's values."""
+    """This rank's weights the scheme keeps on the unit sphere (``unit_norm_axes``): the largest
+    |‖v‖ − 1| of their vectors in the model (with ``unit_norm_clamp``: the largest ‖v‖ − 1, and how
+    many vectors lie on the sphere and how many inside), vectors cut by TP measured whole (their
+    sums of squares all-reduced over TP); and the largest difference between the optimizer's fp32
+    master copy (the distributed optimizer's flat shard, the Float16 optimizer's whole copy) and the
+    model's values."""
+    from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
     from megatron_gpas.model.schemes import get_scheme
 
-    axes = {p: a for chunk in trainer.model for p, a in get_scheme(trainer.cfg).unit_norm_axes(unwrap_model(chunk)).items()}
-    model_error = max(float((p.detach().double().norm(dim=a) - 1).abs().max()) for p, a in axes.items())
+    scheme = get_scheme(trainer.cfg)
+    axes = {p: a for chunk in trainer.model for p, a in scheme.unit_norm_axes(unwrap_model(chunk)).items()}
+    norms = []
+    for p, a in axes.items():
+        squares = p.detach().double().pow(2).sum(dim=a)
+        if getattr(p, "tensor_model_parallel", False) and p.partition_dim == a:
+            torch.distributed.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        norms.append(squares.sqrt())
+    norms = torch.cat(norms)
+    on_sphere = (norms - 1).abs() < 1e-6
+    if scheme.unit_norm_clamp:
+        model_error = max(float((norms - 1).max()), 0.0)
+    else:
+        model_error = float((norms - 1).abs().max())
     master_error, masters, partial = 0.0, 0, 0
     for opt in getattr(trainer.optimizer, "chained_optimizers", None) or [trainer.optimizer]:
         if hasattr(opt, "model_param_gbuf_map"):
@@ -121,7 +137,8 @@ def _unit_norm_errors(trainer: Trainer) -> dict:
                 masters += 1
                 master_error = max(master_error, float((main.double().view(-1) - model_values.double().view(-1)).abs().max()))
     return {"model": model_error, "master_vs_model": master_error, "masters": masters,
-            "weights": len(axes), "partial_shards": partial}
+            "weights": len(axes), "partial_shards": partial, "on_sphere": int(on_sphere.sum()),
+            "inside": int((norms < 1 - 1e-4).sum())}
 
 
 def _probe_first_step(trainer: Trainer) -> dict:

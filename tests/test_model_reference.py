@@ -263,6 +263,18 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rel: float, w
     assert err <= rel * scale, f"{what}: max|Δ| = {err:.3e} > {rel:.0e} × scale {scale:.3e}"
 
 
+def assert_matches_reference(model, per_token, ref_logits, leaves: dict, tokens, position_ids, labels, what: str = ""):
+    """The model's logits (a second forward, without gradients) and every parameter's gradient of the
+    mean token loss (``per_token``: the model's loss on ``labels``) against the float64 reference's
+    (``ref_logits``, computed from the leaf tensors ``leaves``), within LOGIT_REL_TOL and GRAD_REL_TOL."""
+    with torch.no_grad():
+        assert_rel_close(model(tokens, position_ids, None), ref_logits, LOGIT_REL_TOL, f"{what}logits")
+    per_token.mean().backward()
+    F.cross_entropy(ref_logits.reshape(-1, ref_logits.shape[-1]), labels.reshape(-1)).backward()
+    for name, param in model.named_parameters():
+        assert_rel_close(param.grad, leaves[name].grad, GRAD_REL_TOL, f"{what}grad {name}")
+
+
 # =========================================================================== tests
 
 CASES = {

@@ -285,6 +285,15 @@ def _record_mismatches(run: list[dict], ref: list[dict], gpas: bool, alpha_atol:
     return problems
 
 
+def _layout_run_mismatches(runs: list[dict], ref: list[dict], gpas: bool) -> list[str]:
+    """A run from the same start in another layout (``runs``: its ranks' results) against the 1-process
+    records of the same steps (``ref``): per-step numbers and the weights after the last step."""
+    problems = _record_mismatches(runs[0]["records"], ref, gpas=gpas)
+    problems += _checksum_mismatches(_merge_checksums([c["records"][-1]["checksums"] for c in runs]),
+                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {ref[-1]['step']}")
+    return problems
+
+
 def _resumed_run_mismatches(runs: list[dict], ref: list[dict], gpas: bool) -> list[str]:
     """A checkpoint resumed in another layout (``runs``: its ranks' results) against the uninterrupted
     run's records from the same step (``ref``): per-step numbers, the learning rate, and the weights

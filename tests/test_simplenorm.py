@@ -24,25 +24,15 @@ HF class (logits and greedy tokens against Megatron's). About 90 s on two CPU co
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from synthetic import synthetic_run_overrides
-from test_model_reference import (
-    BATCH,
-    GRAD_REL_TOL,
-    LOGIT_REL_TOL,
-    SEQ,
-    assert_rel_close,
-    inputs,
-    ref_rmsnorm,
-    ref_rope,
-)
+from test_model_reference import LOGIT_REL_TOL, assert_matches_reference, inputs, ref_rmsnorm, ref_rope
 from test_parallel import _launch
-from test_parallel_schemes import _checksum_mismatches, _merge_checksums, _record_mismatches, _resumed_run_mismatches
+from test_parallel_schemes import _layout_run_mismatches, _merge_checksums, _resumed_run_mismatches
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -191,16 +181,11 @@ def test_logits_and_gradients_match_reference(megatron_env, case):
     position = cfg.gpas.position if cfg.gpas.enabled else None
     ref_logits = ref_simplenorm_forward(tokens, to_reference(leaves, shape), shape, position)
 
-    per_token = model(tokens, position_ids, None, labels=labels)
-    with torch.no_grad():
-        assert_rel_close(model(tokens, position_ids, None), ref_logits, LOGIT_REL_TOL, f"{case} logits")
-    per_token.mean().backward()
-    F.cross_entropy(ref_logits.reshape(-1, shape["vocab"]), labels.reshape(-1)).backward()
     names = [n for n, _ in model.named_parameters()]
     assert sum("output_norm" in n for n in names) == 7 * shape["layers"], names  # q k v o 1 3 2 in every layer
     assert not any("layernorm" in n and "final" not in n for n in names), names  # no pre-norms
-    for name, param in model.named_parameters():
-        assert_rel_close(param.grad, leaves[name].grad, GRAD_REL_TOL, f"{case} grad {name}")
+    per_token = model(tokens, position_ids, None, labels=labels)
+    assert_matches_reference(model, per_token, ref_logits, leaves, tokens, position_ids, labels, f"{case} ")
 
 
 def test_reference_tells_the_norms_apart(megatron_env):
@@ -416,6 +401,7 @@ GATES_OF_LAYERS = [list(g) for g in GATES]
 LAYOUTS = {
     "tp2_sp": ["parallel.tensor=2", "parallel.sequence_parallel=true"],
     "dp2_distopt": ["parallel.distributed_optimizer=true"],
+    "pp2_vp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"],
 }
 
 
@@ -437,7 +423,7 @@ def _from_init(ws) -> list[str]:
 # layernorm recompute targets the pre-norm slots, which SimpleNorm leaves empty)
 RECOMPUTE = {"full": ["train.recompute=full"],
              "selective": ["train.recompute=selective", "train.recompute_modules=[core_attn,mlp,layernorm]"]}
-INIT_LAYOUTS = {"tp2_sp": LAYOUTS["tp2_sp"], "pp2_vp2": ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]}
+INIT_LAYOUTS = {"tp2_sp": LAYOUTS["tp2_sp"], "pp2_vp2": LAYOUTS["pp2_vp2"]}
 
 
 def _fresh_init(ws, layout: str) -> dict:
@@ -474,7 +460,7 @@ def single(workspace) -> dict:
 
 @pytest.fixture(scope="module")
 def multi(workspace, single) -> list[dict]:
-    """Two processes: TP=2+SP and DP=2 with the distributed optimizer from the step-0 weights (3 steps),
+    """Two processes: TP=2+SP, DP=2 with the distributed optimizer and PP=2×VP=2 from the step-0 weights (3 steps),
     and the 1-process step-2 checkpoint (optimizer included) resumed under TP=2+SP, saved at step 4."""
     ws = workspace
     cases = [{"name": layout, "kind": "train", "checksums": True, "sp_audit": layout == "tp2_sp",
@@ -534,9 +520,7 @@ def test_layout_matches_single_process(layout, single, multi):
     case = multi[0][layout]
     assert case["world_size"] == 2 and [r["step"] for r in case["records"]] == list(range(1, EQUIV_STEPS + 1))
     assert all(r["grad_norm"] > 0.5 for r in ref), "the global clip must bite"
-    problems = _record_mismatches(case["records"], ref, gpas=True)
-    problems += _checksum_mismatches(_merge_checksums([c[layout]["records"][-1]["checksums"] for c in multi]),
-                                     _merge_checksums([ref[-1]["checksums"]]), f"weights after step {EQUIV_STEPS}")
+    problems = _layout_run_mismatches([c[layout] for c in multi], ref, gpas=True)
     assert not problems, f"{layout} differs from 1 process:\n  " + "\n  ".join(problems)
     if layout == "tp2_sp":
         for rank, cases in enumerate(multi):

@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -47,8 +48,18 @@ import torch  # noqa: E402
 # The papers' published step-time overheads vs their baselines (targets.md).
 CLAIMS = {"osp+muon": "+2% (OSP, Muon and EmbProj)", "dyt": "−8% eager / 0% compiled (DyT)",
           "crmsnorm": "−1…−10% vs Pre-LN (Pre-CRMSNorm)", "pre_rmsnorm": "−1…−10% vs Pre-LN (Pre-RMSNorm)",
-          "bhyt": "−15.8% (v1) / −1.6% (v3) vs RMSNorm (BHyT)"}
-DEFAULT_VARIANTS = ("pre", "pre@layernorm", "pre_rmsnorm", "crmsnorm", "osp", "osp+muon", "dyt", "bhyt", "bhytstar")
+          "bhyt": "−15.8% (v1) / −1.6% (v3) vs RMSNorm (BHyT)", "ngpt": "+9.6% vs GPT (nGPT, anGPT paper)",
+          "angpt": "+2.75% vs GPT+ (anGPT)", "simplenorm": "7 norms per layer instead of 2 (SimpleGPT)"}
+DEFAULT_VARIANTS = ("pre", "pre@layernorm", "pre_rmsnorm", "crmsnorm", "osp", "osp+muon", "dyt", "bhyt", "bhytstar",
+                    "simplenorm", "ngpt", "angpt")
+
+
+def takes_gpas(variant: str) -> bool:
+    """Whether the variant's scheme has a GPAS placement (nGPT and anGPT have none: ``Scheme.gpas_refusal``)."""
+    from megatron_gpas.model.schemes import SCHEMES
+
+    scheme = SCHEMES.get(re.split(r"[@+~:]", variant)[0])
+    return scheme is None or scheme.gpas_refusal is None
 
 
 def variant_overrides(variant: str, gpas: bool, hidden: int) -> list[str]:
@@ -168,7 +179,10 @@ def measure(args: argparse.Namespace) -> dict:
     gpas_modes = {"off": [False], "on": [True], "both": [False, True]}[args.gpas]
     names = [("pre", False)]
     for v in args.schemes:  # "VARIANT+gpas" asks for that variant with GPAS only, whatever --gpas says
-        for pair in [(v.removesuffix("+gpas"), True)] if v.endswith("+gpas") else [(v, g) for g in gpas_modes]:
+        if v.endswith("+gpas") and not takes_gpas(v):
+            raise SystemExit(f"{v}: {v.split('+')[0]} has no GPAS placement (its config refuses gpas.enabled)")
+        modes = gpas_modes if takes_gpas(v) else [False]  # nGPT, anGPT: without GPAS whatever --gpas says
+        for pair in [(v.removesuffix("+gpas"), True)] if v.endswith("+gpas") else [(v, g) for g in modes]:
             if pair not in names:
                 names.append(pair)
 

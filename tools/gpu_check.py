@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -105,14 +104,6 @@ def training_variants() -> list[str]:
     return variants
 
 
-def takes_gpas(variant: str) -> bool:
-    """Whether the variant's scheme has a GPAS placement (nGPT has none: ``Scheme.gpas_refusal``)."""
-    from megatron_gpas.model.schemes import SCHEMES
-
-    scheme = SCHEMES.get(re.split(r"[@+~]", variant)[0])
-    return scheme is None or scheme.gpas_refusal is None
-
-
 def training_shape(dry_run: bool) -> dict:
     if dry_run:  # seconds on 2 CPU cores per case
         return dict(overrides=["model.preset=tiny", "model.num_layers=2", "model.vocab_size=512",
@@ -128,7 +119,7 @@ def training_shape(dry_run: bool) -> dict:
 
 
 def training_cases(dry_run: bool, backends: list[tuple[str, str | None]]) -> list[dict]:
-    from bench_schemes import variant_overrides
+    from bench_schemes import takes_gpas, variant_overrides
 
     shape = training_shape(dry_run)
     cases = []
@@ -148,7 +139,7 @@ def training_cases(dry_run: bool, backends: list[tuple[str, str | None]]) -> lis
 def memory_case(dry_run: bool) -> dict:
     """One model alone on the GPU, so that its peak memory can be set against the planner's estimate
     (tools/plan_run.py): the 1B paper shape with GPAS, sequence 2048, micro-batch 4."""
-    from bench_schemes import variant_overrides
+    from bench_schemes import takes_gpas, variant_overrides
 
     shape = training_shape(dry_run)["overrides"] if dry_run else [
         "model.preset=1b", "train.seq_length=2048", "train.micro_batch_size=4", "train.global_batch_size=8",

@@ -243,8 +243,15 @@ NORM_ROWS = {
              "after every step; the official code's optimizer (AdamW 0.9/0.95, LR 1.5e-3, no weight decay, no warmup, "
              "cosine to 0, clip 1.0) on the paper's shape and token budget (§7.1). No GPAS variant: norm.scheme=ngpt "
              "refuses it (docs/norm-schemes.md)."),
+    "angpt": ({"norm": {"scheme": "angpt"},
+               "optim": {"lr": 1.5e-3, "min_lr_ratio": 0.0, "warmup_steps": 0, "adam_beta2": 0.95,
+                         "weight_decay": 0.0, "clip_grad": 1.0}},
+              "anGPT: h <- nu(alpha) (h + alpha (nu f(h) - h)), the norms replaced by constant factors nu, weight rows "
+              "clamped to norm <= 1 after every step; no weight decay, no warmup, cosine to 0 (anGPT's recipe) with "
+              "nGPT's optimizer settings (its own LR was not available) on the paper's shape and token budget "
+              "(§7.2). No GPAS variant: norm.scheme=angpt refuses it (docs/norm-schemes.md)."),
 }
-NO_GPAS_ROWS = ("ngpt",)  # schemes without a GPAS placement (Scheme.gpas_refusal)
+NO_GPAS_ROWS = ("ngpt", "angpt")  # schemes without a GPAS placement (Scheme.gpas_refusal)
 
 
 def dyt_alpha0(width: int) -> list[float]:
@@ -399,11 +406,29 @@ def _ngpt_recipes() -> list[tuple[str, str]]:
         "The step count (here 100K, 52B tokens) is a placeholder: set the token budget of the experiment.",
         "No GPAS variant: norm.scheme=ngpt refuses gpas.enabled (docs/norm-schemes.md).",
     ]
+    angpt = _merge(recipe(24, 1024, 16), {
+        "norm": {"scheme": "angpt"},
+        "train": {"seq_length": 2048, "micro_batch_size": 4, "global_batch_size": 256},
+        "model": {"max_seq_length": 2048, "vocab_size": 50304},
+        "data": {"paths": ["data/slimpajama_neox_text_document"],
+                 "tokenizer": {"kind": "huggingface", "path": "tokenizers/gpt-neox/tokenizer.json"}}})
     return [
         _recipe("ngpt_0.5b", "nGPT 0.5B (24 layers, d 1024, 16 heads): the official code's recipe",
                 recipe(24, 1024, 16), [*common, "8 GPUs: DP=8 with the distributed optimizer, 8 micro-batches of 8."]),
         _recipe("ngpt_1b", "nGPT 1B (36 layers, d 1280, 20 heads): the official code's recipe",
                 recipe(36, 1280, 20), [*common, "8 GPUs: DP=8 with the distributed optimizer, 8 micro-batches of 8."]),
+        _recipe("angpt_0.5b", "anGPT at nGPT's 0.5B shape: anGPT's published training setup", angpt, [
+            "anGPT (methods.md §7.2, research-wave2.md §1; its code was not obtainable): the norms replaced by",
+            "constant factors nu (nu_acf estimated at build time for the model's widths), the LERP",
+            "h <- nu(alpha) (h + alpha (nu f(h) - h)), per-head q/k norms, weight rows clamped to norm <= 1 after",
+            "every step. Its published setup: Adam without weight decay or warmup, cosine, 2048-token context,",
+            "SlimPajama with the GPT-NeoX tokenizer (50304 padded). Its LR and model sizes were not available:",
+            "nGPT's shape and optimizer (LR 1.5e-3, betas 0.9/0.95, clip 1.0) stand in; sweep the LR.",
+            "The step count (100K x 256 x 2048 = 52B tokens) is a placeholder: set the experiment's token budget.",
+            "The uncertain constants are norm.options (alpha_init, qk_norm, attention_factor, acf_factor).",
+            "No GPAS variant: norm.scheme=angpt refuses gpas.enabled (docs/norm-schemes.md).",
+            "8 GPUs: DP=8 with the distributed optimizer, 8 micro-batches of 4.",
+        ]),
     ]
 
 

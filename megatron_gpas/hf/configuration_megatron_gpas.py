@@ -30,3 +30,9 @@ class MegatronGPASConfig(LlamaConfig):
     bhyt_kappa: float = 10.0
     linear_output_norm: bool = False  # SimpleNorm: an RMSNorm on the output of every projection
     normalized_transformer: bool = False  # nGPT: the sphere updates, s_qk/s_uv/s_z and the √head_dim attention scale (norm_type none)
+    # anGPT (with normalized_transformer): h ← ν(α) ⊙ (h + α ⊙ (f(h) − h)), ν(α) = 1/√(α² + (1 − α)²), its
+    # constant factors folded into the weights; qk_norm: the per-head q/k norms (False: none);
+    # attention_position_factor: the attention output at position t (0-based) × √(t + 1)
+    approximately_normalized: bool = False
+    qk_norm: bool = True
+    attention_position_factor: bool = False

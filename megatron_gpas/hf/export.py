@@ -128,6 +128,8 @@ class ExportSource:
         megatron = {key[len(MEGATRON_LAYER_PREFIX):]: self.reader.read_layer(key, layer)
                     for key in self.reader.metadata if key.startswith(MEGATRON_LAYER_PREFIX)}
         tensors = layer_to_hf(megatron, attention_shape(self.config))
+        for key, factor in self.plan.tensor_factors.items():  # the scheme's constants, into the weights
+            tensors[key] = tensors[key].double() * factor
         if self.plan.centre_residual_writes:  # what f writes: W − mean over the output (hidden) axis
             for key in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
                 tensors[key] = tensors[key].double() - tensors[key].double().mean(0, keepdim=True)

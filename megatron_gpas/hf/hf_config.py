@@ -14,7 +14,8 @@ AUTO_MAP = {
 # Fields of our class beyond LlamaConfig, and the run_config entries they come from.
 SCHEME_FIELDS = ("norm_scheme", "mixln_post_layers", "lns_mode", "gpas", "gpas_activation", "gpas_silu_beta",
                  "gpas_position", "gpas_per_sublayer", "gpas_stop_gradient", "norm_type", "norm_bias",
-                 "final_norm_type", "bhyt_kappa", "linear_output_norm", "normalized_transformer")
+                 "final_norm_type", "bhyt_kappa", "linear_output_norm", "normalized_transformer",
+                 "approximately_normalized", "qk_norm", "attention_position_factor")
 
 
 def custom_config(run_config: dict, hf_fields: dict, *, bos_token_id=None, eos_token_id=None,

@@ -163,8 +163,9 @@ def _persistent_buffers(module) -> list[tuple[str, torch.Tensor]]:
 
 
 def load_hf_weights(model_chunks, weights: SafetensorsDirectory, hf_config, padded_vocab: int,
-                    tie_word_embeddings: bool) -> int:
-    """Copy the HF weights into this rank's Megatron chunks; returns the number of tensors set."""
+                    tie_word_embeddings: bool, tensor_factors: dict[str, float] | None = None) -> int:
+    """Copy the HF weights into this rank's Megatron chunks; returns the number of tensors set.
+    ``tensor_factors``: the constants the export multiplied into layer tensors (ExportPlan), divided out."""
     from megatron.core.utils import unwrap_model
 
     from megatron_gpas.model.spec import NORM_KEYS_AS_FUSED
@@ -178,6 +179,8 @@ def load_hf_weights(model_chunks, weights: SafetensorsDirectory, hf_config, padd
             index = layer.layer_number - 1
             prefix = hf_layer_prefix(index)
             hf = {name[len(prefix):]: weights.get(name) for name in weights.names() if name.startswith(prefix)}
+            for key, factor in (tensor_factors or {}).items():
+                hf[key] = (hf[key].double() / factor).to(hf[key].dtype)
             megatron = layer_from_hf(hf, shape)
             for name, param in (*layer.named_parameters(), *_persistent_buffers(layer)):
                 in_layers.add(id(param))
@@ -261,7 +264,8 @@ def import_hf_model(hf_dir: str, save_root: str, overrides: list[str] | None = N
     try:
         on_cpu = device.type == "cpu"
         chunks = build_model_chunks(cfg, transformer_config(cfg, bf16=False, on_cpu=on_cpu))
-        load_hf_weights(chunks, weights, hf_config, padded_vocab_size(cfg.model, cfg.parallel.tensor), tie)
+        factors = SCHEMES[cfg.norm.scheme].export_plan(cfg).tensor_factors if tree_model_type != "llama" else {}
+        load_hf_weights(chunks, weights, hf_config, padded_vocab_size(cfg.model, cfg.parallel.tensor), tie, factors)
         path = checkpoint.save(cfg, save_root, 0, chunks, None, None, {"step": 0, "consumed_train_samples": 0})
         if dist.get_rank() == 0:
             print(f"[import] {hf_dir} -> {path} (scheme {cfg.norm.scheme}, gpas {'on' if cfg.gpas.enabled else 'off'})",

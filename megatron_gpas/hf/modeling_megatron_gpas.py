@@ -36,6 +36,11 @@ reparameterised as trained (s = ŝ · factor, base = 1/√d):
     x' = norm(norm(x) + |α_M| ⊙ (norm(W_down(silu(√d·s_gate ⊙ W_gate x) ⊙ √d·s_up ⊙ W_up x)) − norm(x)))
     logits = s_z ⊙ (W_head x)                                                       s_z = ŝ_z·√d
 
+anGPT (``normalized_transformer`` and ``approximately_normalized``): the same scales, its constant factors
+ν folded into the weights (W_v, W_o, W_down, s_gate, s_up; W_q, W_k without ``qk_norm``), no norms of x:
+
+    x' = ν(α) ⊙ (x + |α| ⊙ (f(x) − x)),  ν(α) = 1/√(α² + (1 − α)²)   (f: nGPT's attention or MLP, unnormalised)
+
 All other models end with the final norm (``final_norm_type``, default ``norm_type``) and an untied LM
 head. Depends only on torch and transformers (≥ 5).
 """
@@ -173,7 +178,8 @@ def unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class NGPTAttention(LlamaAttention):
-    """Llama's attention with nGPT's q/k: s_qk ⊙ norm_head(·) after RoPE, scores scaled by √head_dim."""
+    """Llama's attention with nGPT's q/k: s_qk ⊙ norm_head(·) after RoPE (without the norm when
+    ``qk_norm`` is off), scores scaled by √head_dim; anGPT's position factor √(t + 1) on the output."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -190,12 +196,15 @@ class NGPTAttention(LlamaAttention):
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary_pos_emb(q, k, *position_embeddings)
         s = (self.sqk * self.sqk_factor).view(-1, 1, self.head_dim).to(q.dtype)  # [heads, 1, head_dim]
-        q, k = s * unit(q), s * unit(k)
+        q, k = (s * unit(q), s * unit(k)) if self.config.qk_norm else (s * q, s * k)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs)
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+        out = out.reshape(*input_shape, -1)
+        if self.config.attention_position_factor:
+            out = out * (kwargs["position_ids"] + 1).to(out.dtype).sqrt().unsqueeze(-1)
+        return self.o_proj(out.contiguous()), weights
 
 
 class NGPTMLP(LlamaMLP):
@@ -264,9 +273,11 @@ class MegatronGPASDecoderLayer(GradientCheckpointingLayer):
         return x - a * (x.detach() if self.config.gpas_stop_gradient else x)
 
     def residual_block(self, x, norm, sublayer_fn, branch_norm, sublayer: int, mean_square=None) -> torch.Tensor:
-        if self.ngpt:  # x' = norm(norm(x) + |α| ⊙ (norm(f(x)) − norm(x)))
+        if self.ngpt:
             alpha = ((self.attn_alpha, self.mlp_alpha)[sublayer] * self.alpha_factor).abs().to(x.dtype)
-            a = unit(x)
+            if self.config.approximately_normalized:  # x' = ν(α) ⊙ (x + |α| ⊙ (f(x) − x))
+                return torch.rsqrt(alpha.square() + (1 - alpha).square()) * (x + alpha * (sublayer_fn(x) - x))
+            a = unit(x)  # x' = norm(norm(x) + |α| ⊙ (norm(f(x)) − norm(x)))
             return unit(a + alpha * (unit(sublayer_fn(x)) - a))
         if self.post_norm:
             shortcut = self.gate(x, sublayer, "shortcut") * self.shortcut_scale

@@ -20,7 +20,7 @@ from megatron_gpas.model.norms import RMSNorm
 from megatron_gpas.model.schemes import get_scheme
 from megatron_gpas.model.spec import decoder_block_spec
 from megatron_gpas.model.sublayer import ResidualAdd
-from megatron_gpas.model.unit_norm import normalize_
+from megatron_gpas.model.unit_norm import normalize_weights_
 
 
 def transformer_config(cfg: Config, *, bf16: bool, on_cpu: bool) -> TransformerConfig:
@@ -189,9 +189,8 @@ def build_model_chunks(cfg: Config, config: TransformerConfig) -> list[GPTModel]
             attach_head_transform(model, transform)
         if model.post_process and (transform := scheme.logit_transform(cfg, config, model.output_layer)) is not None:
             attach_logit_transform(model, transform)
-        if config.perform_initialization:  # whole vectors on every rank: the same in every layout
-            for param, axis in scheme.unit_norm_axes(model).items():
-                normalize_(param.data, axis)
+        if config.perform_initialization:  # on the sphere at init (vectors cut by TP: all-reduced sums)
+            normalize_weights_(scheme.unit_norm_axes(model))
         set_fusions(model, cfg)
         chunks.append(model)
     # built on the CPU (use_cpu_initialization); used where the GPU is. A meta-device build (parameter

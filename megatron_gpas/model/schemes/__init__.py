@@ -7,6 +7,7 @@ module, plus its entry here. Nothing else in the package names a scheme.
 from __future__ import annotations
 
 from megatron_gpas.config import Config
+from megatron_gpas.model.schemes.angpt import ANGPT_SCHEMES
 from megatron_gpas.model.schemes.base import GATE_POSITIONS, LLAMA_SCHEME, PRE_NORM_GATE_SLOTS, ExportPlan, Scheme
 from megatron_gpas.model.schemes.bhyt import BHYT_SCHEMES
 from megatron_gpas.model.schemes.dyt import DYT_SCHEMES
@@ -19,7 +20,7 @@ from megatron_gpas.model.schemes.zero_mean import ZERO_MEAN_SCHEMES
 SCHEMES: dict[str, Scheme] = {
     scheme.name: scheme
     for scheme in (*PAPER_SCHEMES, *ZERO_MEAN_SCHEMES, *OSP_SCHEMES, *DYT_SCHEMES, *BHYT_SCHEMES, *SIMPLENORM_SCHEMES,
-               *NGPT_SCHEMES)
+               *NGPT_SCHEMES, *ANGPT_SCHEMES)
 }
 
 

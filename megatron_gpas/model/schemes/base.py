@@ -18,7 +18,7 @@ so adding a scheme is one module plus one registry entry. What a scheme can decl
               ``before_step``: periodic buffers (BHyT's c_attn);
               ``unit_norm_axes``: weights kept unit-norm along an axis, at init (the builder) and
               after every optimizer step on the fp32 master weights (``after_optimizer_step``'s
-              default, model/unit_norm.py; nGPT)
+              default, model/unit_norm.py; nGPT), or inside the unit ball (``unit_norm_clamp``; anGPT)
   checks      ``validate``: invalid combinations, before any process group;
               ``architecture``: the effective options a checkpoint must match
   layout      ``fusable_input_norm`` / ``te_final_norm``: whether Transformer Engine's fused
@@ -96,12 +96,15 @@ class ExportPlan:
 
     norm_scales   a fixed multiplier of each layer's norm outputs (LNS' 1/√l), folded into the
                   norm weights of a stock Llama; None when there is none.
+    tensor_factors  constants multiplied into layer tensors of our HF class (HF names within a
+                  layer, e.g. anGPT's ν into the weights); the import divides them out.
     """
 
     llama_reason: str | None
     hf_fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     centre_residual_writes: bool = False
     norm_scales: list[float] | None = None
+    tensor_factors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Scheme:
@@ -113,6 +116,7 @@ class Scheme:
     uses_norm_bias = False  # norm.bias gives its norms a bias
     default_bias = False  # what norm.bias=None means for such schemes
     gpas_refusal: str | None = None  # why GPAS has no meaningful placement here (gpas.enabled is refused)
+    unit_norm_clamp = False  # the unit_norm_axes weights: norm 1 (False) or norm ≤ 1 (True) after each step
 
     # ------------------------------------------------------------------ options
 
@@ -187,9 +191,9 @@ class Scheme:
 
     def after_optimizer_step(self, optimizer, model_chunks) -> None:
         """Called after every successful optimizer step: projects the ``unit_norm_axes`` weights
-        (master and model copies) back to unit norm."""
+        (master and model copies) back to unit norm (into the unit ball with ``unit_norm_clamp``)."""
         axes = {param: axis for chunk in model_chunks for param, axis in self.unit_norm_axes(unwrap_model(chunk)).items()}
-        project_unit_norm(optimizer, axes)
+        project_unit_norm(optimizer, axes, clamp=self.unit_norm_clamp)
 
     # ------------------------------------------------------------------ checks and identity
 

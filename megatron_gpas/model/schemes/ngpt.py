@@ -98,9 +98,20 @@ class ScaledQK:
         heads = config.num_attention_heads // tensor_parallel_group(self).size()
         self.sqk = Scale(config, heads * config.kv_channels, 1.0, config.hidden_size ** -0.5, tp_partitioned=True)
 
+    def normalize_qk(self, x: torch.Tensor) -> torch.Tensor:
+        return justnorm(x)
+
+    def scale_value(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def scale_output(self, out: torch.Tensor) -> torch.Tensor:
+        return out
+
     def forward(self, query, key, value, *args, **kwargs):
         s = self.sqk().view(query.shape[-2], query.shape[-1])  # [s, b, heads, head_dim]
-        return super().forward(s * justnorm(query), s * justnorm(key), value, *args, **kwargs)
+        out = super().forward(s * self.normalize_qk(query), s * self.normalize_qk(key), self.scale_value(value),
+                              *args, **kwargs)
+        return self.scale_output(out)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -116,23 +127,28 @@ def scaled_qk(core_attention: type) -> type:
 
 
 class UVScale(nn.Module):
-    """(s_uv · √d) ⊙ fc1's output, s_uv over [gate; up] (each part this rank's contiguous shard)."""
+    """[gate; up] ← [c_gate·s_gate ⊙ gate; c_up·s_up ⊙ up] on fc1's output, s_uv = [s_gate; s_up]
+    (each part this rank's contiguous shard; init_value = init_scaling = 1) and constant factors c."""
 
-    def __init__(self, config, width: int):
+    def __init__(self, config, width: int, gate_factor: float, up_factor: float):
         super().__init__()
         self.gate = PartWeight(config, width)
         self.up = PartWeight(config, width)
-        self.sqrt_d = math.sqrt(config.hidden_size)  # s_uv: init_value = init_scaling = 1
+        self.gate_factor, self.up_factor = gate_factor, up_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (torch.cat([self.gate.weight, self.up.weight]) * self.sqrt_d)
+        return x * torch.cat([self.gate.weight * self.gate_factor, self.up.weight * self.up_factor])
 
 
 class FC1UVScale(NormedOutput):
-    """linear_fc1 followed by the s_uv scale (``output_norm`` holds it)."""
+    """linear_fc1 followed by the s_uv scale (``output_norm`` holds it): √d on both parts, as the
+    official code (the up part's factor cancels in nGPT's norm of the MLP output)."""
+
+    def uv_factors(self, config) -> tuple[float, float]:
+        return math.sqrt(config.hidden_size), math.sqrt(config.hidden_size)
 
     def make_output_norm(self, config, tp_group):
-        return UVScale(config, config.ffn_hidden_size // tp_group.size())
+        return UVScale(config, config.ffn_hidden_size // tp_group.size(), *self.uv_factors(config))
 
 
 class LogitScale(nn.Module):
@@ -204,7 +220,7 @@ class NGPT(Scheme):
     def check(self, cfg, opts):
         m = cfg.model
         if (m.num_query_groups or m.num_attention_heads) != m.num_attention_heads:
-            raise ConfigError("norm.scheme=ngpt shares s_qk between each query head and its key head: "
+            raise ConfigError(f"norm.scheme={self.name} shares s_qk between each query head and its key head: "
                               "model.num_query_groups must equal model.num_attention_heads (no GQA)")
 
     def export_plan(self, cfg) -> ExportPlan:
