@@ -251,6 +251,9 @@ class LoggingConfig:
     tensorboard: bool = True
     plots: bool = True
     verbose: bool = False  # also show Megatron-Core's and PyTorch's warnings and INFO messages
+    # per-layer gradient, weight, update, branch and scale statistics on logged steps (layer_telemetry.py);
+    # costs a host copy of the layer weights on those steps
+    layer_telemetry: bool = True
 
 
 @dataclass

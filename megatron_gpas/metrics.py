@@ -7,7 +7,8 @@ whatever the TP/PP layout.
 TensorBoard tags: train/loss, train/lr, train/muon_lr (optim.optimizer=muon), train/grad_norm, train/gate_grad_norm,
 train/skipped_steps (updates skipped so far, divergence.py),
 eval/loss, eval/ppl, perf/tokens_per_s, gpas/alpha/layer_{l}, gpas/scale/layer_{l}
-(l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l}.
+(l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l},
+and the per-layer telemetry's layers/* and scales/* (layer_telemetry.py).
 """
 
 from __future__ import annotations
