@@ -12,38 +12,23 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from megatron_gpas.compare_runs import CompareError, compare, ema
-from megatron_gpas.config import load_config
-from synthetic import synthetic_run_overrides, write_synthetic_dataset
+from synthetic import resumable_run_config, train_in_process, write_synthetic_dataset
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-STEPS, GLOBAL_BATCH, SEQ = 6, 4, 32
+STEPS, GLOBAL_BATCH, SEQ = 6, 4, 32  # resumable_run_config's
 LOSS_PNGS = ["train_loss.png", "eval_loss.png", "throughput.png"]
 LAYER_PNGS = ["gpas_gates_over_steps.png", "activation_variance_over_steps.png", "depth_gpas_alpha.png",
               "depth_gpas_scale.png", "depth_activations_variance.png"]
 
 
 def _train(ws: Path, run: str, *extra: str) -> Path:
-    from megatron_gpas.training import Trainer
-
-    run_dir = ws / "runs" / run
-    cfg = load_config(None, [
-        "model.preset=tiny", "model.num_layers=3", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
-        f"train.steps={STEPS}", f"train.seq_length={SEQ}", "train.micro_batch_size=2",
-        f"train.global_batch_size={GLOBAL_BATCH}", "train.eval_iters=1", "train.eval_interval=3",
-        "optim.warmup_steps=1", *synthetic_run_overrides(ws, run_dir), *extra])
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-        assert not dist.is_initialized()
-    return run_dir
+    train_in_process(resumable_run_config(ws, run, "model.num_layers=3", "train.eval_interval=3", *extra))
+    return ws / "runs" / run
 
 
 @pytest.fixture(scope="module")

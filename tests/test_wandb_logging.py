@@ -22,11 +22,10 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 import yaml
 
-from megatron_gpas.config import ConfigError, load_config, validate_settings
-from synthetic import synthetic_run_overrides, write_synthetic_dataset
+from megatron_gpas.config import ConfigError, validate_settings
+from synthetic import resumable_run_config, train_in_process, write_synthetic_dataset
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -37,6 +36,13 @@ _BLOCK = 32768
 _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """Offline whatever the config or the environment says: these tests never reach the network."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="module")
 def ws(workspace) -> Path:
     write_synthetic_dataset(str(workspace / "data" / "synthetic"))
@@ -44,27 +50,10 @@ def ws(workspace) -> Path:
 
 
 def _cfg(ws: Path, run: str, *extra: str):
-    run_dir = ws / "runs" / run
-    return load_config(None, [
-        "model.preset=tiny", "model.num_layers=2", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
-        "gpas.enabled=true", "train.steps=5", "train.seq_length=32", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.eval_iters=1", "train.eval_interval=4", "optim.lr=3.0e-3",
-        "optim.warmup_steps=1", *synthetic_run_overrides(ws, run_dir), "logging.interval=2",
-        "logging.tensorboard=true", "logging.wandb.enabled=true", "logging.wandb.mode=offline",
-        "logging.wandb.project=gpas-tests", "logging.wandb.group=g1", "logging.wandb.tags=[pre, gpas]",
-        f"checkpoint.save='{run_dir / 'ckpt'}'", f"checkpoint.load='{run_dir / 'ckpt'}'",
-        "checkpoint.load_if_exists=true", *extra])
-
-
-def _train(cfg, force: bool = False) -> dict:
-    from megatron_gpas.training import Trainer
-
-    trainer = Trainer(cfg, force=force)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
-        assert not dist.is_initialized()
+    return resumable_run_config(
+        ws, run, "train.steps=5", "train.eval_interval=4", "logging.interval=2", "logging.wandb.enabled=true",
+        "logging.wandb.mode=offline", "logging.wandb.project=gpas-tests", "logging.wandb.group=g1",
+        "logging.wandb.tags=[pre, gpas]", *extra)
 
 
 def _wandb_records(path: Path):
@@ -128,7 +117,7 @@ def _metrics_by_step(run_dir: Path) -> dict[int, dict]:
 
 def test_offline_run_holds_the_logged_scalars_and_the_config(ws):
     run_dir = ws / "runs" / "tracked"
-    _train(_cfg(ws, "tracked"))
+    train_in_process(_cfg(ws, "tracked"))
     [offline] = _offline_runs(run_dir)
     run, config, history = _read_offline_run(offline)
 
@@ -159,8 +148,8 @@ def test_offline_run_holds_the_logged_scalars_and_the_config(ws):
 
 def test_a_resumed_run_logs_to_the_same_wandb_run_and_force_replaces_it(ws):
     run_dir = ws / "runs" / "resumed"
-    _train(_cfg(ws, "resumed", "train.exit_after_steps=2"))
-    _train(_cfg(ws, "resumed"))
+    train_in_process(_cfg(ws, "resumed", "train.exit_after_steps=2"))
+    train_in_process(_cfg(ws, "resumed"))
     first, second = (_read_offline_run(path) for path in _offline_runs(run_dir))
     assert first[0].run_id == second[0].run_id == (run_dir / "wandb" / "run_id").read_text().strip()
     metrics = _metrics_by_step(run_dir)
@@ -169,7 +158,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_run_and_force_replaces_it(ws):
         assert values == metrics[step], f"step {step}"
 
     # a new run forced into the folder: a new W&B run, the old one's files gone with its other logs
-    _train(_cfg(ws, "resumed", "checkpoint.load=null", f"checkpoint.save='{run_dir / 'ckpt_new'}'",
+    train_in_process(_cfg(ws, "resumed", "checkpoint.load=null", f"checkpoint.save='{run_dir / 'ckpt_new'}'",
                 "train.exit_after_steps=1"), force=True)
     [offline] = _offline_runs(run_dir)
     run, _, history = _read_offline_run(offline)
