@@ -22,6 +22,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 import yaml
 
 from megatron_gpas.config import ConfigError, validate_settings
@@ -182,6 +183,7 @@ def test_wandb_not_installed_is_refused_with_the_remedy(ws, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees without the package
     with pytest.raises(ConfigError, match=r"logging.wandb.enabled=true needs the wandb package.*"
                                           r"pip install 'megatron_gpas\[wandb\]'"):
-        validate_settings(cfg, world_size=1, check_files=False)
+        train_in_process(cfg)
+    assert not dist.is_initialized()  # refused at validation, before any process group
     cfg.logging.wandb.enabled = False
     validate_settings(cfg, world_size=1, check_files=False)  # not needed when off
