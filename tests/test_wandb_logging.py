@@ -8,6 +8,7 @@ with a CRC-32, a length and a full/first/middle/last type) and parses each recor
 protobuf classes (``wandb.proto``).
 - the scalars W&B holds at each step are metrics.jsonl's, bit for bit; the config is the resolved
   config (config.yaml); project, name, group and tags as configured;
+- under TP2+SP only rank 0 writes a W&B run, holding metrics.jsonl's values;
 - a resumed run logs to the same W&B run id; ``--force`` deletes the old run's W&B files;
 - TensorBoard's text tab holds the resolved config;
 - bad settings, and wandb not installed, are refused at validation with the key named.
@@ -25,8 +26,8 @@ import pytest
 import torch.distributed as dist
 import yaml
 
-from megatron_gpas.config import ConfigError, validate_settings
-from synthetic import resumable_run_config, train_in_process, write_synthetic_dataset
+from megatron_gpas.config import ConfigError, load_config, validate_settings
+from synthetic import resumable_run_overrides, train_in_process, write_synthetic_dataset
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -50,11 +51,15 @@ def ws(workspace) -> Path:
     return workspace
 
 
-def _cfg(ws: Path, run: str, *extra: str):
-    return resumable_run_config(
+def _overrides(ws: Path, run: str, *extra: str) -> list[str]:
+    return resumable_run_overrides(
         ws, run, "train.steps=5", "train.eval_interval=4", "logging.interval=2", "logging.wandb.enabled=true",
         "logging.wandb.mode=offline", "logging.wandb.project=gpas-tests", "logging.wandb.group=g1",
         "logging.wandb.tags=[pre, gpas]", *extra)
+
+
+def _cfg(ws: Path, run: str, *extra: str):
+    return load_config(None, _overrides(ws, run, *extra))
 
 
 def _wandb_records(path: Path):
@@ -165,6 +170,18 @@ def test_a_resumed_run_logs_to_the_same_wandb_run_and_force_replaces_it(ws):
     run, _, history = _read_offline_run(offline)
     assert run.run_id == (run_dir / "wandb" / "run_id").read_text().strip() != first[0].run_id
     assert sorted(history) == [1]
+
+
+def test_only_rank_0_logs_under_tp2_sp(ws):
+    from test_parallel import _launch
+
+    run_dir = ws / "runs" / "tp2"
+    _launch(ws, "wandb_tp2", 2, [{"name": "tp2", "kind": "train", "overrides": _overrides(
+        ws, "tp2", "parallel.tensor=2", "parallel.sequence_parallel=true")}], timeout=600)
+    [offline] = _offline_runs(run_dir)  # one W&B run: rank 1 wrote none
+    _, config, history = _read_offline_run(offline)
+    assert config["parallel"]["tensor"] == 2
+    assert history == _metrics_by_step(run_dir)
 
 
 @pytest.mark.parametrize("override, message", [
