@@ -30,7 +30,10 @@ _GATES = ("gpas/alpha", "gpas/scale")
 _VARIANCE = "activations/variance"
 # y labels of the families the trainer logs today; any other family is labelled by its tag
 _MEANING = {"gpas/alpha": "gate α", "gpas/scale": "residual scale 1 − act(α)",
-            "activations/variance": "variance of the layer's input"}
+            "activations/variance": "variance of the layer's input",
+            "layers/grad_norm": "gradient L2 norm (before clipping)", "layers/weight_norm": "weight L2 norm",
+            "layers/update_ratio": "‖W_after − W_before‖ / ‖W_before‖", "layers/branch_rms": "RMS of the branch output",
+            "layers/branch_to_shortcut": "RMS(branch) / RMS(shortcut)"}
 
 
 class CompareError(ValueError):
@@ -190,6 +193,11 @@ def _ylabel(family: str) -> str:
     return _MEANING.get(family, family)
 
 
+def _part(suffix: str, n_suffixes: int) -> str:
+    """``attn``/``mlp`` for a sub-layer's tag; ``whole layer`` beside them; nothing when alone."""
+    return suffix.lstrip("_") if suffix else ("whole layer" if n_suffixes > 1 else "")
+
+
 def _safe_name(family: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", family).strip("_")
 
@@ -279,14 +287,15 @@ class _Plotter:
                 if not layers:
                     continue
                 step = max(points[-1][0] for points in layers.values())
-                for k, suffix in enumerate(sorted({s for _, s in layers})):
+                suffixes = sorted({s for _, s in layers})
+                for k, suffix in enumerate(suffixes):
                     profile = sorted((layer, dict(points).get(step)) for (layer, s), points in layers.items()
                                      if s == suffix)
                     profile = [(layer, v) for layer, v in profile if v is not None]
                     xs, ys = zip(*profile)
                     values += ys
                     ax.plot(xs, ys, color=self.colors[i], marker="o", linestyle=("-", "--", ":", "-.")[k % 4],
-                            label=f"{run.label}{' ' + suffix.lstrip('_') if suffix else ''}, step {step}")
+                            label=f"{run.label} {_part(suffix, len(suffixes))}, step {step}".replace("  ", " "))
             if _log_scale_fits(values):
                 ax.set_yscale("log")
             _style(ax, "layer", _ylabel(family), f"{family} over depth at each run's last logged step")

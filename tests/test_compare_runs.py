@@ -84,6 +84,12 @@ def test_two_runs_give_the_figures_and_their_own_numbers(runs, tmp_path, capsys)
         assert table[label] == [label, scheme, str(STEPS), f"{STEPS * GLOBAL_BATCH * SEQ:,}",
                                 f"{summary['seconds_since_start']:.1f} s", f"{train[-1]:.4f}", f"{evals[-1]:.4f}",
                                 f"{min(evals):.4f}", "0"]
+    # every per-layer family the runs logged (the trainer's telemetry included) has its depth profile
+    families = {tag.rsplit("/", 1)[0] for run_dir in runs for r in _records(run_dir) for tag in r
+                if "/layer_" in tag}
+    assert {"layers/grad_norm", "layers/branch_to_shortcut"} <= families
+    for family in families:
+        assert (out / f"depth_{family.replace('/', '_').replace('.', '_')}.png").is_file(), family
     # the run without GPAS lacks the gates: said, with the run's name
     assert report["missing"] == ["gpas/alpha/layer_*: missing in pre (pre)", "gpas/scale/layer_*: missing in pre (pre)"]
     assert "[missing] gpas/alpha/layer_*: missing in pre (pre)" in printed
@@ -95,11 +101,11 @@ def test_a_new_layer_family_is_drawn_and_the_runs_lacking_it_named(runs, tmp_pat
     shutil.copytree(gpas_run, telemetry)
     # tags of a family the tool does not know (per-sub-layer suffixes), at the last step
     with open(telemetry / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": STEPS, **{f"layers/branch_rms_ratio/layer_{l}_{part}": 0.1 * l
+        f.write(json.dumps({"step": STEPS, **{f"probes/new_stat/layer_{l}_{part}": 0.1 * l
                                                for l in (1, 2, 3) for part in ("attn", "mlp")}}) + "\n")
     result = compare([str(telemetry), str(pre_run)], str(tmp_path / "out"), names=["with telemetry", "plain"])
-    assert (tmp_path / "out" / "depth_layers_branch_rms_ratio.png").is_file()
-    assert "layers/branch_rms_ratio/layer_*: missing in plain" in result["missing"]
+    assert (tmp_path / "out" / "depth_probes_new_stat.png").is_file()
+    assert "probes/new_stat/layer_*: missing in plain" in result["missing"]
     assert [r["run"] for r in result["rows"]] == ["with telemetry", "plain"]
     # the appended record changes nothing the table reads
     assert result["rows"][0]["final_train_loss"] == [r["train/loss"] for r in _records(gpas_run) if "train/loss" in r][-1]
