@@ -20,10 +20,21 @@ def read_metrics(run_dir: str) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in series.items()}
 
 
-def _layer_series(series, prefix: str):
-    pattern = re.compile(re.escape(prefix) + r"(\d+)(_attn|_mlp)?$")
-    found = [((int(m.group(1)), m.group(2) or ""), tag) for tag in series if (m := pattern.match(tag))]
-    return [(layer, series[tag]) for layer, tag in sorted(found)]
+# a per-layer tag: <group>/<name>/layer_<l>[_suffix], l the global 1-based layer (suffix e.g. _attn, _mlp)
+LAYER_TAG = re.compile(r"^(?P<family>[^/]+/[^/]+)/layer_(?P<layer>\d+)(?P<suffix>_\w+)?$")
+
+
+def layer_families(series) -> dict[str, dict[tuple[int, str], list]]:
+    """family (``<group>/<name>``) -> {(layer, suffix): series[tag]} for every per-layer tag."""
+    families: dict[str, dict[tuple[int, str], list]] = defaultdict(dict)
+    for tag, points in series.items():
+        if m := LAYER_TAG.match(tag):
+            families[m["family"]][(int(m["layer"]), m["suffix"] or "")] = points
+    return dict(families)
+
+
+def _layer_series(series, family: str):
+    return sorted(layer_families(series).get(family, {}).items())
 
 
 def plot_run(run_dir: str) -> list[str]:
@@ -51,7 +62,7 @@ def plot_run(run_dir: str) -> list[str]:
     plt.close(fig)
     written.append(path)
 
-    variances = _layer_series(series, "activations/variance/layer_")
+    variances = _layer_series(series, "activations/variance")
     if variances:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         cmap = plt.get_cmap("viridis")
@@ -69,9 +80,9 @@ def plot_run(run_dir: str) -> list[str]:
         plt.close(fig)
         written.append(path)
 
-    alphas = _layer_series(series, "gpas/alpha/layer_")
+    alphas = _layer_series(series, "gpas/alpha")
     if alphas:
-        scales = _layer_series(series, "gpas/scale/layer_")
+        scales = _layer_series(series, "gpas/scale")
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         cmap = plt.get_cmap("viridis")
         for ax, curves, title in ((axes[0], alphas, "gate α per layer"),
