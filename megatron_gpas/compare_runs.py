@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megatron_gpas.plots import layer_families, read_metrics
+from megatron_gpas.plots import layer_families, read_metrics, scheme_of
 from megatron_gpas.run_folder import CONFIG, METRICS, SUMMARY
 
 TABLE = "compare.md"
@@ -47,12 +47,6 @@ class Run:
     scheme: str
     series: dict[str, list[tuple[int, float]]]
     summary: dict = field(default_factory=dict)
-
-
-def scheme_of(config: dict) -> str:
-    """``pre+gpas`` / ``pre`` from a saved config tree (norm.scheme, gpas.enabled)."""
-    scheme = (config.get("norm") or {}).get("scheme", "?")
-    return scheme + ("+gpas" if (config.get("gpas") or {}).get("enabled") else "")
 
 
 def load_runs(paths: list[str], names: list[str] | None = None) -> tuple[list[Run], list[str]]:
