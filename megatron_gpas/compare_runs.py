@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from megatron_gpas.plots import layer_families, read_metrics, scheme_of
+from megatron_gpas.plots import layer_families, read_metrics, save_figure, scheme_of
 from megatron_gpas.run_folder import CONFIG, METRICS, SUMMARY
 
 TABLE = "compare.md"
@@ -170,14 +170,6 @@ def _style(ax, xlabel: str, ylabel: str, title: str, integer_x: bool = True):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def _save(fig, out_dir: str, name: str) -> str:
-    path = os.path.join(out_dir, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _pyplot().close(fig)
-    return path
-
-
 def _log_scale_fits(values: list[float]) -> bool:
     """Log y where positive values span more than a decade (activation variance grows with depth)."""
     return bool(values) and min(values) > 0 and max(values) / min(values) > 10
@@ -225,7 +217,7 @@ class _Plotter:
         title = "train loss" + (f" (EMA smoothing {smooth}; faint: raw)" if smooth else "")
         _style(ax, "step", "loss (nats/token)", f"{title}: {', '.join(r.label for _, r in having)}")
         ax.legend(fontsize=8)
-        self.written.append(_save(fig, self.out_dir, "train_loss.png"))
+        self.written.append(save_figure(fig, self.out_dir, "train_loss.png"))
 
     def curves(self):
         for tag, name, title, ylabel in _CURVES:
@@ -238,7 +230,7 @@ class _Plotter:
                 ax.plot(steps, values, color=self.colors[i], marker="o", markersize=3, label=run.label)
             _style(ax, "step", ylabel, f"{title} ({tag}): {', '.join(r.label for _, r in having)}")
             ax.legend(fontsize=8)
-            self.written.append(_save(fig, self.out_dir, name))
+            self.written.append(save_figure(fig, self.out_dir, name))
 
     def over_steps(self, families: tuple[str, ...], name: str):
         """One row of panels per run holding ``families``: each layer's value over the steps
@@ -263,7 +255,7 @@ class _Plotter:
                        f"{run.label}: no {family} tags")
                 if layers:
                     ax.legend(fontsize=6, ncol=2)
-        self.written.append(_save(fig, self.out_dir, name))
+        self.written.append(save_figure(fig, self.out_dir, name))
 
     def depth_profiles(self):
         """Every per-layer family: its profile over depth at each run's last logged step."""
@@ -294,7 +286,7 @@ class _Plotter:
                 ax.set_yscale("log")
             _style(ax, "layer", _ylabel(family), f"{family} over depth at each run's last logged step")
             ax.legend(fontsize=8)
-            self.written.append(_save(fig, self.out_dir, f"depth_{_safe_name(family)}.png"))
+            self.written.append(save_figure(fig, self.out_dir, f"depth_{_safe_name(family)}.png"))
 
 
 def compare(paths: list[str], out_dir: str, names: list[str] | None = None, smooth: float = 0.0) -> dict:

@@ -38,6 +38,17 @@ def _layer_series(series, family: str):
     return sorted(layer_families(series).get(family, {}).items())
 
 
+def save_figure(fig, folder: str, name: str) -> str:
+    """Write ``fig`` as ``folder/name`` (tight layout, 120 dpi), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(folder, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def scheme_of(config: dict) -> str:
     """``pre+gpas`` / ``pre`` from a saved config tree (norm.scheme, gpas.enabled)."""
     scheme = (config.get("norm") or {}).get("scheme", "?")
@@ -86,11 +97,7 @@ def plot_run(run_dir: str) -> list[str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(run_dir, "loss.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written.append(save_figure(fig, run_dir, "loss.png"))
 
     variances = _layer_series(series, "activations/variance")
     if variances:
@@ -106,11 +113,7 @@ def plot_run(run_dir: str) -> list[str]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-        path = os.path.join(run_dir, "activation_variance.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, run_dir, "activation_variance.png"))
 
     alphas = _layer_series(series, "gpas/alpha")
     if alphas:
@@ -129,11 +132,7 @@ def plot_run(run_dir: str) -> list[str]:
             ax.grid(alpha=0.3)
         axes[1].legend(fontsize=7, ncol=2)
         fig.suptitle(f"GPAS gates: {title}")
-        path = os.path.join(run_dir, "gates.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, run_dir, "gates.png"))
 
     families = layer_families(series)
     panels = [(family, label) for family, label in DEPTH_PANELS if family in families]
@@ -153,9 +152,5 @@ def plot_run(run_dir: str) -> list[str]:
             ax.legend(fontsize=7)
         step = max(points[-1][0] for points in families[panels[0][0]].values())
         fig.suptitle(f"Per-layer telemetry at step {step}: {title}")
-        path = os.path.join(run_dir, "layers.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, run_dir, "layers.png"))
     return written
