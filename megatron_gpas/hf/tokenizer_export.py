@@ -9,6 +9,7 @@ tokenizer adds no BOS/EOS either.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -242,6 +243,21 @@ def _hf_tokenizer(ours):
                                    **{k: v for k, v in extra.items() if v is not None})
 
 
+def hf_chat_template(template: dict[str, str]) -> str:
+    """Our per-role chat template (``sft.chat_template``) as the Jinja template of a Hugging Face
+    tokenizer: each turn as in training, the last assistant turn closed by EOS instead of its
+    closing text, and ``add_generation_prompt`` opening the assistant's turn. Transformers renders
+    the whole text and tokenizes it at once, where training tokenized every piece on its own: for
+    a tokenizer that merges across the pieces' borders the ids can differ (tools/generate.py
+    --chat tokenizes as training did)."""
+    turns = {role: text.split("{content}") for role, text in template.items()}
+    return ("{% set turns = " + json.dumps(turns, ensure_ascii=False) + " %}"
+            "{% for message in messages %}{{ turns[message['role']][0] }}{{ message['content'] }}"
+            "{% if loop.last and message['role'] == 'assistant' %}{{ eos_token }}"
+            "{% else %}{{ turns[message['role']][1] }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ turns['assistant'][0] }}{% endif %}")
+
+
 def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, override: str | None = None):
     """Write the tokenizer into ``out_dir``; returns (report, (bos_id, eos_id))."""
     from transformers import AutoTokenizer
@@ -261,6 +277,11 @@ def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, overr
         hf, reason = None, str(e)
     if hf is None:
         return {"exported": False, "reason": reason, "eos_token_id": ours.eod_id}, (None, ours.eod_id)
+    from megatron_gpas.data.instruct import run_chat_template
+
+    template = run_chat_template(run_config)
+    if template is not None:  # fine-tuned on chats: apply_chat_template renders them as training did
+        hf.chat_template = hf_chat_template(template)
     hf.save_pretrained(out_dir)
     # Loaded back as a user would (AutoTokenizer, the fast tokenizer): what lm-eval runs.
     loaded = AutoTokenizer.from_pretrained(out_dir)
@@ -268,7 +289,7 @@ def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, overr
     bos = getattr(hf, "bos_token_id", None)
     known = sentencepiece_known_differences(ours.path) if kind == "sentencepiece" else []
     report = {"exported": True, "source": spec.get("path"), "kind": kind, "eos_token_id": ours.eod_id,
-              "known_differences": known,
+              "known_differences": known, "chat_template": template is not None,
               "bos_token_id": bos, "probe_texts": len(PROBE_TEXTS), "probe_mismatches": len(mismatches),
               "mismatching_texts": mismatches}
     return report, (bos, ours.eod_id)
