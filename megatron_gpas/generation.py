@@ -84,12 +84,15 @@ def last_logits(trainer, sequences: list[list[int]]) -> torch.Tensor:
     for row, seq in enumerate(sequences):
         tokens[row, :len(seq)] = torch.tensor(seq)
     batch = {"tokens": tokens, "position_ids": torch.arange(width).expand_as(tokens).contiguous()}
-    iterators = [iter([batch]) for _ in trainer.model]
+    # Interleaved pipelining needs a multiple of parallel.pipeline micro-batches: the same batch
+    # again (the tool sets the global batch so), its logits read from the first.
+    repeats = trainer.num_microbatches
+    iterators = [iter([batch] * repeats) for _ in trainer.model]
     store = trainer.forward_backward(
         forward_step_func=lambda it, model: _logits_step(device, it, model),
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=trainer.model if len(trainer.model) > 1 else trainer.model[0],
-        num_microbatches=1, seq_length=width, micro_batch_size=len(sequences),
+        num_microbatches=repeats, seq_length=width, micro_batch_size=len(sequences),
         forward_only=True, collect_non_loss_data=True)
     vocab = cfg.model.vocab_size  # the padded columns are no tokens
     picked = torch.empty(len(sequences), vocab, dtype=torch.float32, device=device)

@@ -1,6 +1,6 @@
 """tools/generate.py: text from a Megatron checkpoint in any layout, and the chat template in exports.
 
-- Greedy tokens under TP=2+SP (two gloo processes, torchrun) are those of the checkpoint's
+- Greedy tokens under TP=2+SP and PP=2×VP=2 (two gloo processes, torchrun) are those of the checkpoint's
   Hugging Face export run by transformers' own ``generate`` (KV cache, do_sample=False): an
   independent implementation of the model and of the decoding loop.
 - Sampling with a seed repeats exactly, another seed draws other tokens; the top-k / top-p cut
@@ -76,25 +76,35 @@ def _prompt_args(prompts=PROMPTS) -> list[str]:
     return [arg for p in prompts for arg in ("--prompt", p)]
 
 
-def test_tp2_greedy_tokens_are_those_of_the_hf_export(ws):
+@pytest.fixture(scope="module")
+def hf_greedy(ws) -> list[list[int]]:
+    """The greedy continuation of each prompt by the checkpoint's HF export (transformers' generate)."""
     from transformers import AutoModelForCausalLM
 
     from megatron_gpas.hf.export import export_checkpoint
 
-    got = run_generate(ws, "tp2", str(ws / "ckpt"), *_prompt_args(), "--max-new-tokens", "10",
-                       "parallel.tensor=2", "parallel.sequence_parallel=true", nproc=2)
     result = export_checkpoint(str(ws / "ckpt"), str(ws / "hf"), progress=False)
     model = AutoModelForCausalLM.from_pretrained(result.out_dir, trust_remote_code=result.format == "custom",
                                                  dtype=torch.float32).eval()
-    for prompt, row in zip(PROMPTS, got["results"]):
-        ids = [int(t) for t in prompt.split()]
-        assert row["prompt_ids"] == ids
-        prompt_tensor = torch.tensor([ids])
+    continuations = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([[int(t) for t in prompt.split()]])
         with torch.no_grad():
-            hf = model.generate(prompt_tensor, attention_mask=torch.ones_like(prompt_tensor), max_new_tokens=10,
-                                do_sample=False, eos_token_id=EOD, pad_token_id=EOD)[0, len(ids):].tolist()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                                 eos_token_id=EOD, pad_token_id=EOD)
+        continuations.append(out[0, ids.shape[1]:].tolist())
+    assert all(len(set(c)) > 1 for c in continuations)  # a randomized model: not one token repeated
+    return continuations
+
+
+@pytest.mark.parametrize("layout", [["parallel.tensor=2", "parallel.sequence_parallel=true"],
+                                    ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]], ids=["tp2_sp", "pp2_vp2"])
+def test_greedy_tokens_are_those_of_the_hf_export(ws, hf_greedy, layout):
+    got = run_generate(ws, "_".join(layout), str(ws / "ckpt"), *_prompt_args(), "--max-new-tokens", "10", *layout,
+                       nproc=2)
+    for prompt, row, hf in zip(PROMPTS, got["results"], hf_greedy):
+        assert row["prompt_ids"] == [int(t) for t in prompt.split()]
         assert row["new_ids"] == hf, prompt
-        assert len(set(hf)) > 1  # a randomized model: not one token repeated
         assert row["text"] == " ".join(str(t) for t in hf if t != EOD)
 
 

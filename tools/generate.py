@@ -103,12 +103,15 @@ def build(args, settings):
     tokenizer = tokenizer_from_config(tree["data"]["tokenizer"])
     ids = prompt_ids(args, prompts, saved, tokenizer)
     train = tree.setdefault("train", {})
-    tensor = (tree.get("parallel") or {}).get("tensor", 1)
+    parallel = config_from_tree(tree).parallel
     needed = max(len(i) for i in ids) + settings.max_new_tokens
-    train["seq_length"] = -(-max(needed, (saved.get("train") or {}).get("seq_length") or 0) // tensor) * tensor
+    train["seq_length"] = -(-max(needed, (saved.get("train") or {}).get("seq_length") or 0) // parallel.tensor) \
+        * parallel.tensor
     dp = data_parallel_size(config_from_tree(tree), world_size_from_env())
-    train.update(micro_batch_size=len(ids), global_batch_size=len(ids) * max(dp, 1), steps=1, eval_iters=1,
-                 eval_interval=0, exit_after_steps=0)
+    # one micro-batch of all prompts; interleaved pipelining needs parallel.pipeline of them
+    micro_batches = parallel.pipeline if parallel.virtual_pipeline > 1 else 1
+    train.update(micro_batch_size=len(ids), global_batch_size=len(ids) * max(dp, 1) * micro_batches, steps=1,
+                 eval_iters=1, eval_interval=0, exit_after_steps=0)
     return forward_only_config(tree, saved, path, "generate", require_data=False), path, tokenizer, prompts, ids
 
 
