@@ -97,11 +97,12 @@ def last_logits(trainer, sequences: list[list[int]]) -> torch.Tensor:
     vocab = cfg.model.vocab_size  # the padded columns are no tokens
     picked = torch.empty(len(sequences), vocab, dtype=torch.float32, device=device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        shard = store[0].float()  # [n, width, V / TP]: the output layer's vocabulary shard
+        # [n, width, V / TP], the output layer's vocabulary shard: its last positions, then gathered
+        rows = torch.arange(len(sequences), device=device)
+        shard = store[0][rows, torch.tensor(lengths, device=device) - 1].float().contiguous()
         shards = [torch.empty_like(shard) for _ in range(tp)]
-        dist.all_gather(shards, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-        full = torch.cat(shards, dim=-1)[..., :vocab]
-        picked.copy_(full[torch.arange(len(sequences)), torch.tensor(lengths) - 1])
+        dist.all_gather(shards, shard, group=parallel_state.get_tensor_model_parallel_group())
+        picked.copy_(torch.cat(shards, dim=-1)[:, :vocab])
     if cfg.parallel.pipeline > 1:
         dist.broadcast(picked, parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())
