@@ -166,7 +166,9 @@ def test_chat_prompt_and_export_carry_the_fine_tuning_template(ws, sft_checkpoin
 
     result = export_checkpoint(str(sft_checkpoint), str(ws / "hf_sft"), progress=False)
     assert result.tokenizer["chat_template"] is True
+    written = json.loads((Path(result.out_dir) / "tokenizer_config.json").read_text())["chat_template"]
     hf = AutoTokenizer.from_pretrained(result.out_dir)
+    assert hf.chat_template == written
     messages = [{"role": "system", "content": "9"}, {"role": "user", "content": "11 21"}]
     assert hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False) == expected
     # a whole chat ends with EOS after the last assistant message, as training's EOD

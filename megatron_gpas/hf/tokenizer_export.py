@@ -282,7 +282,8 @@ def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, overr
     template = run_chat_template(run_config)
     if template is not None:  # fine-tuned on chats: apply_chat_template renders them as training did
         hf.chat_template = hf_chat_template(template)
-    hf.save_pretrained(out_dir)
+    # the template inside tokenizer_config.json, where every transformers version looks for it
+    hf.save_pretrained(out_dir, save_jinja_files=False)
     # Loaded back as a user would (AutoTokenizer, the fast tokenizer): what lm-eval runs.
     loaded = AutoTokenizer.from_pretrained(out_dir)
     mismatches = [text for text in PROBE_TEXTS if loaded.encode(text) != ours.encode(text)]
