@@ -244,6 +244,22 @@ class SFTConfig:
         self.chat_template = {**DEFAULT_CHAT_TEMPLATE, **self.chat_template}
 
 
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging beside TensorBoard (megatron_gpas/wandb_logging.py)."""
+    enabled: bool = False
+    project: str = "megatron_gpas"
+    entity: str | None = None  # None: the account's default entity
+    name: str | None = None  # None: the name of logging.dir
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    # offline by default: nothing leaves the machine until `wandb sync`
+    mode: str = "offline"
+
+
 @dataclass
 class LoggingConfig:
     dir: str = "runs/default"  # TensorBoard events, metrics.jsonl, PNGs
@@ -251,6 +267,10 @@ class LoggingConfig:
     tensorboard: bool = True
     plots: bool = True
     verbose: bool = False  # also show Megatron-Core's and PyTorch's warnings and INFO messages
+    # per-layer gradient, weight, update, branch and scale statistics on logged steps (layer_telemetry.py);
+    # costs a host copy of the layer weights on those steps
+    layer_telemetry: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -623,6 +643,7 @@ def validate_settings(cfg: Config, world_size: int | None = None, check_files: b
          f"gpas.fused must be one of {', '.join(GPAS_FUSED_MODES)}, got '{cfg.gpas.fused}'")
     need(t.precision in ("auto", "bf16", "fp32"),
          f"train.precision must be auto, bf16 or fp32, got '{t.precision}'")
+    _validate_wandb(cfg.logging.wandb)
 
     for key, value in non_finite_keys(cfg):
         raise ConfigError(f"config key '{key}' must be a finite number, got {value}")
@@ -826,6 +847,23 @@ def check_vocab_padding(cfg: Config, saved: dict) -> None:
             f"the checkpoint's embedding has {rows} rows (model.vocab_size {saved_model.vocab_size} padded at "
             f"parallel.tensor={saved_tp}) but this run pads it to {here} (model.make_vocab_size_divisible_by "
             f"{cfg.model.make_vocab_size_divisible_by} × parallel.tensor {tp}); make them agree{hint}")
+
+
+def _validate_wandb(w: WandbConfig) -> None:
+    if w.mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb.mode must be one of {', '.join(WANDB_MODES)} (offline: written under "
+                          f"logging.dir/wandb, uploaded later with `wandb sync`), got '{w.mode}'")
+    if not w.enabled:
+        return
+    if not w.project.strip():
+        raise ConfigError("logging.wandb.project must not be empty")
+    for tag in w.tags:
+        # W&B refuses empty tags and tags over 64 characters, but only when the run starts
+        if not 1 <= len(tag) <= 64:
+            raise ConfigError(f"logging.wandb.tags: each tag must have 1 to 64 characters, got {tag!r}")
+    from megatron_gpas.wandb_logging import require_wandb
+
+    require_wandb()
 
 
 def _validate_sft(cfg: Config, check_files: bool) -> None:

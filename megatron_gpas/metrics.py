@@ -7,7 +7,8 @@ whatever the TP/PP layout.
 TensorBoard tags: train/loss, train/lr, train/muon_lr (optim.optimizer=muon), train/grad_norm, train/gate_grad_norm,
 train/skipped_steps (updates skipped so far, divergence.py),
 eval/loss, eval/ppl, perf/tokens_per_s, gpas/alpha/layer_{l}, gpas/scale/layer_{l}
-(l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l}.
+(l = global 1-based layer number, scale = 1 − act(α)), activations/variance/layer_{l},
+and the per-layer telemetry's layers/* and scales/* (layer_telemetry.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from megatron_gpas.config import Config, head_dim
+from megatron_gpas.config import Config, config_yaml, head_dim
 
 # Dense BF16 peak per GPU (TFLOP/s) used for MFU; FP8 runs still report against BF16 peak.
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "H20": 148.0, "A100": 312.0, "A800": 312.0,
@@ -56,7 +57,8 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Rank-0 sink for scalars: TensorBoard + JSONL; console lines with throughput/MFU/ETA."""
+    """Rank-0 sink for scalars: TensorBoard + JSONL (+ Weights & Biases with ``logging.wandb``);
+    console lines with throughput/MFU/ETA."""
 
     def __init__(self, cfg: Config, world_size: int, enabled: bool, purge_step: int | None = None):
         """``purge_step``: the first step this process logs when it resumes a run; TensorBoard then
@@ -68,6 +70,7 @@ class MetricsWriter:
         self.world_size = world_size
         self.tb = None
         self.jsonl = None
+        self.wandb = None
         self.history: list[dict] = []
         self.flops_per_token = flops_per_token(cfg)
         self.peak = peak_flops_per_gpu()
@@ -78,11 +81,12 @@ class MetricsWriter:
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            import yaml
-
             self.tb = SummaryWriter(log_dir=cfg.logging.dir, purge_step=purge_step)
-            config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-            self.tb.add_text("config", "```yaml\n" + config_yaml + "```", global_step=purge_step or 0)
+            self.tb.add_text("config", "```yaml\n" + config_yaml(cfg) + "```", global_step=purge_step or 0)
+        if cfg.logging.wandb.enabled:
+            from megatron_gpas.wandb_logging import WandbRun
+
+            self.wandb = WandbRun(cfg, resumed=(purge_step or 1) > 1)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -94,6 +98,8 @@ class MetricsWriter:
         if self.tb is not None:
             for tag, value in values.items():
                 self.tb.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, {k: v for k, v in record.items() if k != "step"})
 
     def throughput(self, tokens: int, seconds: float) -> dict[str, float]:
         tokens_per_s = tokens / max(seconds, 1e-9)
@@ -123,6 +129,8 @@ class MetricsWriter:
         self.closed = True
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
         if self.jsonl is not None:
             self.jsonl.close()
 

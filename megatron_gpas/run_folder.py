@@ -10,7 +10,7 @@ so every step appears once.
 
 Files of a run: ``run.json`` (who owns the folder), ``config.yaml`` (the resolved config),
 ``train.log`` (rank 0's console), ``metrics.jsonl``, TensorBoard events, ``*.png``,
-``summary.json`` (end of run).
+``summary.json`` (end of run), ``wandb/`` (with ``logging.wandb``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import sys
 
 from megatron_gpas.config import Config, ConfigError
@@ -27,6 +28,7 @@ CONFIG = "config.yaml"
 LOG = "train.log"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
+WANDB_DIR = "wandb"  # logging.wandb's files
 _RUN_FILES = (OWNER, CONFIG, LOG, METRICS, SUMMARY, "optimizer_routing.json", "events.out.tfevents.*", "*.png")
 
 
@@ -68,6 +70,8 @@ def claim(cfg: Config, force: bool, resumed_step: int) -> None:
     if force and not continues_run(cfg):
         for path in run_files(cfg.logging.dir):
             os.remove(path)
+        # the old run's W&B files (logging.wandb), which `wandb sync` would upload with the new run's
+        shutil.rmtree(os.path.join(cfg.logging.dir, WANDB_DIR), ignore_errors=True)
     else:
         truncate_metrics(os.path.join(cfg.logging.dir, METRICS), resumed_step)
     with open(os.path.join(cfg.logging.dir, OWNER), "w") as f:

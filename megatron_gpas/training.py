@@ -31,6 +31,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_gpas import checkpoint, distributed, exit_codes, run_folder
 from megatron_gpas.activation_stats import LayerInputVariance
+from megatron_gpas.layer_telemetry import LayerTelemetry
 from megatron_gpas.checkpoint_paths import NonFiniteWeightsError, pretrained_checkpoint
 from megatron_gpas.config import (Config, ConfigError, config_from_tree, data_parallel_size, padded_vocab_size, save_config,
                                   world_size_from_env)
@@ -283,6 +284,9 @@ class Trainer:
         self.routing = gather_routing(self.model) if cfg.optim.optimizer == MUON else None
         self.activation_stats = LayerInputVariance(self.model, cfg.model.num_layers, cfg.parallel.sequence_parallel,
                                                    self.device)
+        self.telemetry = LayerTelemetry(self.model, self.optimizer, self.scheme, cfg.model.num_layers,
+                                        cfg.parallel.sequence_parallel, self.device) \
+            if cfg.logging.layer_telemetry else None
         self._wire_schedules()
 
         self.step = 0
@@ -454,8 +458,13 @@ class Trainer:
 
         def veto(losses):  # the global-batch loss, known on every rank, decides before the update
             nonlocal loss
+            if self.telemetry is not None:
+                self.telemetry.after_backward()  # the reduced gradients, before the clip
             loss = self._reduce_loss(losses)
             return self.divergence.veto(loss)
+
+        if self.telemetry is not None:
+            self.telemetry.before_step()
 
         _, result = optimizer_step(self.cfg, self.scheme, self.model, self.optimizer, self.step,
                                    lambda: self._run_schedule(data_iterator, forward_only=False),
@@ -624,6 +633,8 @@ class Trainer:
                 stop_now = bool(t.exit_after_steps) and step - start_step >= t.exit_after_steps
                 log_now = step % cfg.logging.interval == 0 or at_end or stop_now or step == start_step + 1
                 self.activation_stats.active = log_now  # layer-input variance only on logged steps
+                if self.telemetry is not None:
+                    self.telemetry.active = log_now
                 step_watch.lap()
                 values = self.train_step(iterator)
                 longest_step = max(longest_step, step_watch.lap())
@@ -635,6 +646,10 @@ class Trainer:
                     self._log_gates(values)
                     for l, variance in enumerate(self.activation_stats.collect().tolist(), start=1):
                         values[f"activations/variance/layer_{l}"] = variance
+                    if self.telemetry is not None:
+                        sync_params(self.model)  # the weights after the step (overlap_param_gather defers them)
+                        values.update(self.telemetry.collect())
+                        self.telemetry.active = False
                     self.metrics.scalars(self.step, values)
                     self.metrics.console(self.step, t.steps, values, time.perf_counter() - self._started,
                                          self.step - start_step)

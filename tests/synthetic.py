@@ -30,3 +30,38 @@ def write_integer_tokenizer(path: Path, vocab_size: int) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(path))
     return str(path)
+
+
+def resumable_run_config(ws: Path, run: str, *extra: str):
+    """The config of ``resumable_run_overrides``."""
+    from megatron_gpas.config import load_config
+
+    return load_config(None, resumable_run_overrides(ws, run, *extra))
+
+
+def resumable_run_overrides(ws: Path, run: str, *extra: str) -> list[str]:
+    """A 2-layer tiny Pre+GPAS run of 6 steps on the synthetic data, logged every step (TensorBoard
+    on) to ``ws/runs/<run>``, checkpointed into and resumed from ``ws/runs/<run>/ckpt``; ``extra``
+    overrides win."""
+    run_dir = ws / "runs" / run
+    return [
+        "model.preset=tiny", "model.num_layers=2", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
+        "gpas.enabled=true", "train.steps=6", "train.seq_length=32", "train.micro_batch_size=2",
+        "train.global_batch_size=4", "train.eval_iters=1", "optim.lr=3.0e-3", "optim.warmup_steps=1",
+        *synthetic_run_overrides(ws, run_dir), "logging.tensorboard=true",
+        f"checkpoint.save='{run_dir / 'ckpt'}'", f"checkpoint.load='{run_dir / 'ckpt'}'",
+        "checkpoint.load_if_exists=true", *extra]
+
+
+def train_in_process(cfg, force: bool = False) -> dict:
+    """``Trainer(cfg).train()`` in this process; the trainer's process groups are gone afterwards."""
+    import torch.distributed as dist
+
+    from megatron_gpas.training import Trainer
+
+    trainer = Trainer(cfg, force=force)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+        assert not dist.is_initialized()

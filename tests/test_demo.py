@@ -57,7 +57,7 @@ def test_demo_outputs_exist(demo_run):
     assert list(out.glob("events.out.tfevents.*")), "no TensorBoard event file"
     for name in ("metrics.jsonl", "loss.png", "gates.png", "train.log", "summary.json", "demo_summary.json"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    for png in ("loss.png", "gates.png", "activation_variance.png"):
+    for png in ("loss.png", "gates.png", "activation_variance.png", "layers.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ckpt = out / "checkpoints"
     latest = (ckpt / "latest").read_text().strip()

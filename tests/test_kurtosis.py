@@ -229,10 +229,9 @@ def test_default_dtype_is_bfloat16_and_equals_the_direct_bf16_computation(ws):
 # --------------------------------------------------------------------------- Megatron checkpoints
 
 
-@pytest.fixture(scope="module")
-def megatron_checkpoint(ws) -> Path:
-    """A single-process step-0 checkpoint of a Sandwich-LN + GPAS model (a custom-class export),
-    with weights and gates randomized so every parameter matters."""
+def save_random_checkpoint(root: Path, data: str, overrides: list[str], gates: list[tuple], mutate=None) -> Path:
+    """A single-process step-0 checkpoint under ``root / "ckpt"`` of a tiny model (``overrides`` on top
+    of a 32-wide shape), its weights and gates randomized so every parameter matters, then ``mutate(model)``."""
     from megatron.core import parallel_state
     from megatron.core.utils import unwrap_model
 
@@ -241,23 +240,32 @@ def megatron_checkpoint(ws) -> Path:
     from megatron_gpas.training import Trainer
     from test_model_reference import randomize
 
-    root = ws["root"] / "megatron"
     if parallel_state.model_parallel_is_initialized():
         distributed.shutdown(keep_process_group=True)
     trainer = Trainer(load_config(None, [
-        "model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
+        "model.hidden_size=32", "model.num_attention_heads=4", "model.ffn_hidden_size=64",
         f"model.vocab_size={VOCAB}", "model.make_vocab_size_divisible_by=64", "model.max_seq_length=64",
-        "norm.scheme=sandwich", "gpas.enabled=true", "train.steps=1", f"train.seq_length={SEQ}",
-        "train.micro_batch_size=1", "train.global_batch_size=1", f"data.paths=['{ws['data']}']",
-        "data.tokenizer.kind='null'", f"data.tokenizer.vocab_size={VOCAB}", f"checkpoint.save='{root / 'ckpt'}'",
-        f"logging.dir='{root / 'run'}'", "logging.tensorboard=false", "logging.plots=false"]),
-        data_builder=lambda trainer: (None, None))
+        "train.steps=1", f"train.seq_length={SEQ}", "train.micro_batch_size=1", "train.global_batch_size=1",
+        f"data.paths=['{data}']", "data.tokenizer.kind='null'", f"data.tokenizer.vocab_size={VOCAB}",
+        f"checkpoint.save='{root / 'ckpt'}'", f"logging.dir='{root / 'run'}'", "logging.tensorboard=false",
+        "logging.plots=false", *overrides]), data_builder=lambda trainer: (None, None))
     try:
-        randomize(unwrap_model(trainer.model[0]), seed=5, gates=[(0.4,), (-0.3,)])
+        model = unwrap_model(trainer.model[0])
+        randomize(model, seed=5, gates=gates)
+        if mutate is not None:
+            with torch.no_grad():
+                mutate(model)
         trainer.save_checkpoint()
     finally:
         trainer.close()
     return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def megatron_checkpoint(ws) -> Path:
+    """A Sandwich-LN + GPAS model (a custom-class export)."""
+    return save_random_checkpoint(ws["root"] / "megatron", ws["data"],
+                                  ["model.num_layers=2", "norm.scheme=sandwich", "gpas.enabled=true"], [(0.4,), (-0.3,)])
 
 
 def test_megatron_checkpoint_equals_its_export(ws, megatron_checkpoint):
@@ -290,7 +298,9 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")
 
-    monkeypatch.setattr(K, "load_model", refuse)
+    import megatron_gpas.analysis.model_inputs as model_inputs
+
+    monkeypatch.setattr(model_inputs, "load_model", refuse)
     import megatron_gpas.hf.export as export
 
     monkeypatch.setattr(export, "export_checkpoint", refuse)

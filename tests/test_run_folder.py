@@ -18,8 +18,8 @@ import torch.distributed as dist
 import yaml
 
 from megatron_gpas import run_folder
-from megatron_gpas.config import ConfigError, load_config
-from synthetic import synthetic_run_overrides, write_synthetic_dataset
+from megatron_gpas.config import ConfigError
+from synthetic import resumable_run_config, train_in_process, write_synthetic_dataset
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]
@@ -29,28 +29,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
 def ws(workspace) -> Path:
     write_synthetic_dataset(str(workspace / "data" / "synthetic"))
     return workspace
-
-
-def _cfg(ws: Path, run: str, *extra: str):
-    run_dir = ws / "runs" / run
-    return load_config(None, [
-        "model.preset=tiny", "model.num_layers=2", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
-        "gpas.enabled=true", "train.steps=6", "train.seq_length=32", "train.micro_batch_size=2",
-        "train.global_batch_size=4", "train.eval_iters=1", "optim.lr=3.0e-3", "optim.warmup_steps=1",
-        *synthetic_run_overrides(ws, run_dir), "logging.tensorboard=true",
-        f"checkpoint.save='{run_dir / 'ckpt'}'", f"checkpoint.load='{run_dir / 'ckpt'}'",
-        "checkpoint.load_if_exists=true", *extra])
-
-
-def _train(cfg, force: bool = False) -> dict:
-    from megatron_gpas.training import Trainer
-
-    trainer = Trainer(cfg, force=force)
-    try:
-        return trainer.train()
-    finally:
-        trainer.close()
-        assert not dist.is_initialized()
 
 
 def _tensorboard(run_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -75,15 +53,15 @@ def test_a_new_run_into_a_used_folder_is_refused_and_force_replaces_it(ws):
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 5.0}\n')
     (run_dir / "run.json").write_text(json.dumps({"checkpoint_save": "/elsewhere/ckpt"}))
     (run_dir / "loss.png").write_bytes(b"png")
-    cfg = _cfg(ws, "owned", "checkpoint.load=null")
+    cfg = resumable_run_config(ws, "owned", "checkpoint.load=null")
     with pytest.raises(ConfigError, match=r"holds the logs of another run \(3 files.*checkpoint.load='/elsewhere/ckpt'.*--force"):
-        _train(cfg)
+        train_in_process(cfg)
     assert not dist.is_initialized()  # refused before any process group
     # a run that resumes from another root is not that run either
     with pytest.raises(ConfigError, match="holds the logs of another run"):
-        run_folder.check_ownership(_cfg(ws, "owned"), force=False)
+        run_folder.check_ownership(resumable_run_config(ws, "owned"), force=False)
 
-    result = _train(_cfg(ws, "owned", "checkpoint.load=null", "train.steps=2"), force=True)
+    result = train_in_process(resumable_run_config(ws, "owned", "checkpoint.load=null", "train.steps=2"), force=True)
     assert result["exit_code"] == 0
     assert [r["step"] for r in _metrics(run_dir) if "train/loss" in r] == [1, 2]  # the old step 1 is gone
     assert (run_dir / "data_cache" / "index.npy").read_text() == "shared" and not (run_dir / "loss.png").exists()
@@ -93,13 +71,13 @@ def test_a_new_run_into_a_used_folder_is_refused_and_force_replaces_it(ws):
 def test_resume_continues_the_folder_without_duplicate_steps(ws, capsys):
     run_dir = ws / "runs" / "crashed"
     # 6 steps, a checkpoint at step 3 only: steps 4-6 are logged but lost, as after a crash
-    _train(_cfg(ws, "crashed", "checkpoint.save_interval=3", "checkpoint.save_at_end=false"))
+    train_in_process(resumable_run_config(ws, "crashed", "checkpoint.save_interval=3", "checkpoint.save_at_end=false"))
     first = _metrics(run_dir)
     assert (run_dir / "ckpt" / "latest").read_text().strip() == "iter_0000003"
     assert [r["step"] for r in first if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
 
     capsys.readouterr()
-    _train(_cfg(ws, "crashed", "checkpoint.save_interval=3", "optim.lr=1.0e-3"))
+    train_in_process(resumable_run_config(ws, "crashed", "checkpoint.save_interval=3", "optim.lr=1.0e-3"))
     out = capsys.readouterr().out
     assert "[warn] this config changes the LR schedule (optim.lr 0.003 -> 0.001)" in out
     assert "optim.override_schedule=true" in out
@@ -132,9 +110,9 @@ def test_resume_continues_the_folder_without_duplicate_steps(ws, capsys):
 def test_override_schedule_follows_the_new_config(ws):
     """Resumed at step 3 with optim.lr changed and override_schedule: steps 4-6 get the LR a fresh
     run of the new config has at those steps."""
-    _train(_cfg(ws, "override", "train.steps=3"))
-    _train(_cfg(ws, "override", "optim.lr=1.0e-3", "optim.override_schedule=true"))
-    _train(_cfg(ws, "fresh_new_lr", "optim.lr=1.0e-3", "checkpoint.load=null"))
+    train_in_process(resumable_run_config(ws, "override", "train.steps=3"))
+    train_in_process(resumable_run_config(ws, "override", "optim.lr=1.0e-3", "optim.override_schedule=true"))
+    train_in_process(resumable_run_config(ws, "fresh_new_lr", "optim.lr=1.0e-3", "checkpoint.load=null"))
     overridden = [r["train/lr"] for r in _metrics(ws / "runs" / "override") if r.get("step", 0) > 3 and "train/lr" in r]
     fresh = [r["train/lr"] for r in _metrics(ws / "runs" / "fresh_new_lr") if r.get("step", 0) > 3 and "train/lr" in r]
     assert overridden == fresh and len(fresh) == 3

@@ -29,7 +29,6 @@ OSP), so use the flag to compare with them. See docs/kurtosis.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -41,37 +40,21 @@ if REPO_ROOT not in sys.path:
 warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-from megatron_gpas.analysis.kurtosis import (DEFAULT_DTYPE, DTYPES, OSP_SAMPLES, OSP_SEQ_LEN,  # noqa: E402
-                                             STAT_DTYPES, KurtosisError, Settings, format_report, measure,
-                                             plot_per_layer)
-from megatron_gpas.checkpoint_paths import CheckpointError  # noqa: E402
+from megatron_gpas.analysis.kurtosis import (DEFAULT_DTYPE, OSP_SAMPLES, OSP_SEQ_LEN, STAT_DTYPES,  # noqa: E402
+                                             Settings, format_report, measure, plot_per_layer)
+from megatron_gpas.analysis.model_inputs import add_model_and_data_arguments, run_tool  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="tools/kurtosis.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="Hugging Face model directory, or Megatron save root / iter_N/")
-    p.add_argument("--data", required=True, metavar="PREFIX", help="indexed dataset prefix (PREFIX.bin/.idx)")
-    p.add_argument("--samples", type=int, default=OSP_SAMPLES, help=f"sequences (default {OSP_SAMPLES}, as OSP)")
-    p.add_argument("--seq-len", type=int, default=OSP_SEQ_LEN,
-                   help=f"tokens per sequence (default {OSP_SEQ_LEN}, as OSP)")
-    p.add_argument("--documents", type=int, default=None, metavar="N",
-                   help="use only the dataset's first N documents (OSP: 1000 of C4 validation); default all")
+    add_model_and_data_arguments(p, samples=OSP_SAMPLES, seq_len=OSP_SEQ_LEN, dtype=DEFAULT_DTYPE,
+                                 what="the per-layer kurtosis")
     p.add_argument("--length-one-quirk", action="store_true",
                    help="reproduce OSP's script: each sample as seq-len sequences of ONE token (no context). "
                         "Default: off, each sample is one contextual sequence")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=DEFAULT_DTYPE,
-                   help=f"model dtype (default {DEFAULT_DTYPE}, as OSP's script)")
     p.add_argument("--stat-dtype", choices=tuple(STAT_DTYPES), default="float32",
                    help="precision of the statistic (default float32; native: the hidden states' own dtype)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per forward pass (default 1)")
-    p.add_argument("--name", help="model name for the plot title and the JSON (default: from MODEL's path)")
-    p.add_argument("--output", metavar="JSON", help="write per-layer and overall values and the settings here")
-    p.add_argument("--plot", metavar="PNG", help="write a plot of the per-layer values here")
-    p.add_argument("--export-dir", help="where a Megatron checkpoint's temporary export goes (default: system temp)")
-    p.add_argument("--progress-interval", type=float, default=10.0,
-                   help="seconds between progress lines (default 10; 0: no progress output)")
     return p.parse_args(argv)
 
 
@@ -81,25 +64,9 @@ def main(argv=None) -> int:
                         dtype=args.dtype, stat_dtype=args.stat_dtype, device=args.device, batch_size=args.batch_size,
                         documents=args.documents, export_dir=args.export_dir,
                         progress_interval=args.progress_interval)
-    for path, what in ((args.output, "--output"), (args.plot, "--plot")):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not os.path.isdir(parent):
-            print(f"error: {what} {path}: directory {parent} does not exist", file=sys.stderr)
-            return 2
-    try:
-        report = measure(args.model, args.data, settings, name=args.name, log=lambda line: print(line, flush=True))
-    except (KurtosisError, CheckpointError, ValueError, FileNotFoundError) as e:  # (DataCorruptError, ExportError are ValueErrors)
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        print(f"[kurtosis] wrote {args.output}")
-    if args.plot:
-        print(f"[kurtosis] wrote {plot_per_layer(report, args.plot)}")
-    return 0
+    return run_tool(args, "kurtosis", lambda: measure(args.model, args.data, settings, name=args.name,
+                                                      log=lambda line: print(line, flush=True)),
+                    format_report, plot_per_layer)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ so adding a scheme is one module plus one registry entry. What a scheme can decl
   init        ``transformer_config_overrides`` (Megatron's init stds), ``head_init_method``
   training    ``decays_all_parameters``: weight decay on norm weights and other 1-D parameters too;
               ``before_step``: periodic buffers (BHyT's c_attn);
+              ``layer_scales``: the learned scales the telemetry logs per layer;
               ``unit_norm_axes``: weights kept unit-norm along an axis, at init (the builder) and
               after every optimizer step on the fp32 master weights (``after_optimizer_step``'s
               default, model/unit_norm.py; nGPT), or inside the unit ball (``unit_norm_clamp``; anGPT)
@@ -183,6 +184,17 @@ class Scheme:
 
     def before_step(self, model_chunks, step: int, cfg: Config) -> None:
         """Called by the trainer before every optimizer step ``step`` (0-based) of the run."""
+
+    def layer_scales(self, layer) -> dict[str, torch.Tensor]:
+        """The learned scales of a layer to watch (telemetry ``scales/{name}/layer_{l}``), each one
+        number, the same on every TP rank: by default every one-element parameter of the two norm
+        slots (DyT's α, BHyT's λ, OSP's SSNorm g)."""
+        scales = {}
+        for prefix, norm in (("attn_norm", layer.input_layernorm), ("mlp_norm", layer.pre_mlp_layernorm)):
+            for name, param in norm.named_parameters():
+                if param.numel() == 1:
+                    scales[f"{prefix}.{name}"] = param.detach().reshape(())
+        return scales
 
     def unit_norm_axes(self, model_chunk) -> dict:
         """{parameter: axis} of the chunk's weights kept unit-norm along ``axis`` (the reduced one);

@@ -201,6 +201,11 @@ class NGPT(Scheme):
     def head_init_method(self, cfg):
         return init_method_normal(cfg.model.hidden_size ** -0.5)
 
+    def layer_scales(self, layer) -> dict:
+        """The mean |α| of the two residual updates (the LERP weight of each branch)."""
+        return {"attn_alpha": layer.self_attn_bda.alpha().detach().abs().mean(),
+                "mlp_alpha": layer.mlp_bda.alpha().detach().abs().mean()}
+
     @staticmethod
     def layer_unit_norm_axes(layer) -> dict:
         attn, mlp = layer.self_attention, layer.mlp
