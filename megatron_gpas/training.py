@@ -92,7 +92,7 @@ def check_before_start(cfg: Config, pretraining_data: bool = True, world_size: i
     """Every check of a start that needs no process group (the Trainer runs them first; --dry-run
     runs them alone); returns the run's tokenizer. ``pretraining_data``: the run reads the indexed
     datasets of data.paths (not data a caller supplies)."""
-    validate(cfg, world_size)
+    validate(cfg, world_size, require_data=pretraining_data)
     check_memory(cfg, world_size)
     tokenizer = load_run_tokenizer(cfg)
     if pretraining_data:

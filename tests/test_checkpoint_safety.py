@@ -236,6 +236,12 @@ def _evaluate(ws, root, tmp_path, capsys):
     return capsys.readouterr().err
 
 
+def _generate(ws, root, tmp_path, capsys):
+    release_parallel_state()
+    assert _load_tool("generate").main([str(root), "--prompt", "5 6", "--max-new-tokens", "1"]) == 2
+    return capsys.readouterr().err
+
+
 def _convert_to_hf(ws, root, tmp_path, capsys):
     assert _load_tool("convert_to_hf").main([str(root), str(tmp_path / "hf"), "--no-progress"]) == 2
     assert not (tmp_path / "hf").exists()
@@ -261,7 +267,7 @@ def _fixed_gate_values(ws, root, tmp_path, capsys):
 
 
 ENTRY_POINTS = {"resume": _resume, "checkpoint.pretrained": _pretrained, "finetune": _finetune,
-                "tools/evaluate.py": _evaluate, "tools/convert_to_hf.py": _convert_to_hf,
+                "tools/evaluate.py": _evaluate, "tools/generate.py": _generate, "tools/convert_to_hf.py": _convert_to_hf,
                 "tools/kurtosis.py": _kurtosis, "tools/convert_norm.py": _convert_norm,
                 "gpas.fixed_values": _fixed_gate_values}
 

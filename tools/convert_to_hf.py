@@ -75,6 +75,13 @@ def main(argv=None) -> int:
     if tok.get("exported"):
         print(f"[export] tokenizer: {tok['kind']} ({tok['probe_mismatches']}/{tok['probe_texts']} sample texts "
               "tokenize differently from training)")
+        if tok["chat_template"]:
+            print("[export] chat template: the fine-tuning run's sft.chat_template (tokenizer_config.json)")
+        for difference in tok["known_differences"]:
+            print(f"WARNING: the exported tokenizer differs from training: {difference}", file=sys.stderr)
+        if tok["probe_mismatches"]:  # every score of this export would measure a slightly different model
+            print(f"WARNING: the exported tokenizer does not tokenize as training did; texts that differ: "
+                  f"{tok['mismatching_texts']}", file=sys.stderr)
     else:
         print(f"[export] tokenizer: not exported ({tok.get('reason')})")
     return 0

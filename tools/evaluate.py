@@ -26,21 +26,18 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 
 # Runnable from a checkout without installing the package.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import yaml  # noqa: E402
-
 # Only light modules here: Megatron-Core is imported after main() has decided what the
 # libraries may print (logging.verbose=true shows their warnings; megatron_gpas/console.py).
 from megatron_gpas import console  # noqa: E402
-from megatron_gpas.checkpoint_paths import CheckpointError, pretrained_checkpoint  # noqa: E402
-from megatron_gpas.config import (ConfigError, check_vocab_padding, config_from_tree, data_parallel_size,  # noqa: E402
-                                  inherit_architecture, load_tree, world_size_from_env)
+from megatron_gpas.checkpoint_paths import CheckpointError  # noqa: E402
+from megatron_gpas.config import (ConfigError, config_from_tree, data_parallel_size, load_tree,  # noqa: E402
+                                  world_size_from_env)
 
 SPLITS = ("train", "valid", "test", "all")
 SPLIT_INDEX = {"train": 0, "valid": 1, "test": 2, "all": 0}  # "all": one split holding every document
@@ -66,14 +63,9 @@ def parse_args(argv=None):
 def build_config(args):
     """(config, checkpoint dir): the checkpoint's network and data settings, this evaluation's
     data and batch sizes, the weights loaded through checkpoint.pretrained."""
-    from megatron_gpas.checkpoint import RUN_CONFIG, CheckpointError, check_compatible
-    from megatron_gpas.validation import validate
+    from megatron_gpas.evaluation.loading import checkpoint_tree, forward_only_config
 
-    path = pretrained_checkpoint(args.checkpoint, what="checkpoint")
-    with open(os.path.join(path, RUN_CONFIG)) as f:
-        saved = yaml.safe_load(f) or {}
-    log = (lambda note: print(f"[evaluate] {note}", flush=True)) if _rank0() else None
-    tree = inherit_architecture(load_tree(None, args.overrides), saved, checkpoint=path, log=log)
+    tree, saved, path = checkpoint_tree(args.checkpoint, args.overrides, "evaluate")
     saved_train, saved_data = saved.get("train") or {}, saved.get("data") or {}
     train = tree.setdefault("train", {})
     train.setdefault("seed", saved_train.get("seed", 42))  # GPTDataset's sample order, as in training
@@ -95,21 +87,7 @@ def build_config(args):
             raise ConfigError(f"{path} is a fine-tuning checkpoint: its run_config.yaml has no data.split of "
                               f"indexed data; give the split of --data (e.g. data.split=98,1,1) or use --split all")
         data["split"] = saved_data.get("split", "99,1,0")
-    tree["optim"] = {**(tree.get("optim") or {}), "warmup_steps": 0, "decay_steps": None}
-    tree["checkpoint"] = {"pretrained": path, "save": None, "load": None}
-    # Nothing is logged but the result; rank 0's metrics writer gets a scratch directory.
-    verbose = (tree.get("logging") or {}).get("verbose", False)
-    tree["logging"] = {"dir": tempfile.mkdtemp(prefix="evaluate_") if _rank0() else "unused",
-                       "tensorboard": False, "plots": False, "verbose": verbose}
-    tree.pop("sft", None)
-    cfg = config_from_tree(tree)
-    validate(cfg)
-    try:
-        check_compatible(cfg, path)  # an override that contradicts the checkpoint's network
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from e
-    check_vocab_padding(cfg, saved)
-    return cfg, path
+    return forward_only_config(tree, saved, path, "evaluate"), path
 
 
 def build_dataset(cfg, split: str, num_batches: int | None, tokenizer, log):

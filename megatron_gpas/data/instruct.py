@@ -136,20 +136,28 @@ def render_pieces(record, sft: SFTConfig) -> list[tuple[str, bool]]:
             raise _Skip("empty_response", f"message {i}: empty assistant message")
     if messages[-1]["role"] != "assistant":
         raise _Skip("wrong_role", f"the last message must be the assistant's, got {messages[-1]['role']!r}")
+    return _turn_pieces(messages, sft.chat_template, reply=False)
+
+
+def _turn_pieces(messages: list[dict], template: dict[str, str], reply: bool) -> list[tuple[str, bool]]:
+    """(text, trained on) pieces of the turns of ``messages``. ``reply``: every turn closed, then
+    the assistant's opening for the model to continue; else the last turn ends open (with EOD)."""
     pieces = []
     for i, message in enumerate(messages):
-        before, after = sft.chat_template[message["role"]].split("{content}")
+        before, after = template[message["role"]].split("{content}")
         pieces += [(before, False), (message["content"], message["role"] == "assistant")]
-        if i < len(messages) - 1:  # the last turn ends with EOD instead
+        if reply or i < len(messages) - 1:  # the last turn ends with EOD instead
             pieces.append((after, False))
+    if reply:
+        pieces.append((template["assistant"].split("{content}")[0], False))
     return pieces
 
 
-def render(record, sft: SFTConfig, tokenizer: Tokenizer) -> Example:
-    """Token ids and trained-on flags of one parsed record (raises _Skip if malformed)."""
+def _encode_pieces(pieces: list[tuple[str, bool]], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
+    """Each piece tokenized on its own, the ids concatenated (raises _Skip if one is rejected)."""
     ids: list[int] = []
     targets: list[bool] = []
-    for text, trained in render_pieces(record, sft):
+    for text, trained in pieces:
         if not text:
             continue
         try:
@@ -158,6 +166,38 @@ def render(record, sft: SFTConfig, tokenizer: Tokenizer) -> Example:
             raise _Skip("untokenizable", f"the tokenizer rejects {text[:40]!r}: {e}") from e
         ids += piece
         targets += [trained] * len(piece)
+    return ids, targets
+
+
+def chat_prompt_ids(messages: list[dict], template: dict[str, str], tokenizer: Tokenizer) -> list[int]:
+    """The ids a chat-fine-tuned model continues to answer ``messages`` as the assistant: the
+    turns rendered and tokenized piece by piece exactly as in training, then the assistant's
+    opening (e.g. ``"assistant: "``)."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(
+                message.get("content"), str):
+            raise ValueError(f"message {i} must be an object with a role ({', '.join(CHAT_ROLES)}) and a string "
+                             f"content, got {message!r}")
+    try:
+        return _encode_pieces(_turn_pieces(messages, template, reply=True), tokenizer)[0]
+    except _Skip as e:
+        raise ValueError(str(e)) from e
+
+
+def run_chat_template(run_config: dict) -> dict[str, str] | None:
+    """The per-role chat template a checkpoint was fine-tuned with (``sft.chat_template`` of its
+    run_config.yaml, defaults filled in), or None if it was not fine-tuned on chats."""
+    from megatron_gpas.config import DEFAULT_CHAT_TEMPLATE
+
+    sft = run_config.get("sft") or {}
+    if not sft.get("train_files") or sft.get("format") == "prompt_response":
+        return None
+    return {**DEFAULT_CHAT_TEMPLATE, **(sft.get("chat_template") or {})}
+
+
+def render(record, sft: SFTConfig, tokenizer: Tokenizer) -> Example:
+    """Token ids and trained-on flags of one parsed record (raises _Skip if malformed)."""
+    ids, targets = _encode_pieces(render_pieces(record, sft), tokenizer)
     if not any(targets):
         raise _Skip("empty_response", "the response tokenizes to no tokens")
     ids.append(tokenizer.eod_id)

@@ -17,12 +17,21 @@ import yaml
 
 TOKENIZER_DIR = "tokenizer"  # inside a checkpoint directory
 TOKENIZER_SPEC = "tokenizer.yaml"
+# Sample texts the export encodes with both tokenizers; the ways tokenizers tend to part:
+# runs of spaces, leading and trailing spaces, indented code, tabs and newlines, unicode
+# (accents, CJK, emoji), special-token strings written in the text, the empty text.
 PROBE_TEXTS = (
     "To be, or not to be, that is the question:",
     "Whether 'tis nobler in the mind to suffer\nThe slings and arrows of outrageous fortune,",
     "GPAS scales activations down by 1 − SiLU(α) while gradients pass unchanged (2025).",
     "Unicode: naïve café, Straße, 東京, emoji 🙂, numbers 3.14159 and 1,000,000.",
     "def f(x):\n    return x ** 2  # indented code",
+    "a  b   c    d",
+    "  leading spaces",
+    "    def f(x):\n        return x\n\n\n",
+    "tabs\tand\t\ttabs\r\nand trailing spaces   ",
+    "<s> literal </s> <unk> <|endoftext|> <|im_start|>",
+    "",
 )
 
 
@@ -89,6 +98,99 @@ def recorded_or_copy(recorded: dict, checkpoint_path: str) -> tuple[dict, str | 
     return copy, f"tokenizer {missing} not found; using the checkpoint's copy {copy['path']}"
 
 
+# SentencePiece piece types (sentencepiece_model.proto)
+_SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED = 1, 2, 3, 4
+
+
+def _sentencepiece_proto(path: str):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    with open(path, "rb") as f:
+        proto.ParseFromString(f.read())
+    return proto
+
+
+def sentencepiece_known_differences(path: str) -> list[str]:
+    """Where the Hugging Face form of a SentencePiece model cannot encode as SentencePiece does."""
+    proto = _sentencepiece_proto(path)
+    control = [p.piece for p in proto.pieces if p.type in (_SP_UNKNOWN, _SP_CONTROL)]
+    user = [p.piece for p in proto.pieces if p.type == _SP_USER_DEFINED]
+    known = []
+    if proto.trainer_spec.model_type == 1 and control:
+        # tokenizers' unigram model may pick any vocabulary entry, and its unknown-piece score
+        # follows the lowest score, so no score keeps the control pieces out of its paths.
+        known.append(f"control and unknown pieces {control} written in the text can be read as those pieces (SentencePiece "
+                     "reads them as plain text): a unigram model's Hugging Face form cannot exclude them")
+    if proto.normalizer_spec.add_dummy_prefix and user:
+        # tokenizers normalizes the text between added tokens piece by piece, each with the prefix.
+        known.append(f"text right after a user-defined piece {user} gets a '\u2581' prefix that SentencePiece "
+                     "does not add (Hugging Face normalizes the text between added tokens separately)")
+    return known
+
+
+def _sentencepiece_backend(path: str):
+    """A SentencePiece model as a ``tokenizers.Tokenizer`` that encodes exactly as SentencePiece.
+
+    Built from the model file itself rather than by transformers' Llama conversion, which
+    differs from SentencePiece in three ways: it ranks BPE merges by piece id, not by score, so
+    the whitespace-only pieces Mistral/Llama models add with score -1e9 (``▁▁``, ``▁▁▁▁``, ...)
+    merge before ``▁b`` in ``"a  b"``; it ignores the model's normalizer settings; and it
+    matches control pieces (``<s>``) in raw text, which SentencePiece reads as plain text.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+
+    proto = _sentencepiece_proto(path)
+    trainer, norm = proto.trainer_spec, proto.normalizer_spec
+    pieces = list(proto.pieces)
+    unk_piece = pieces[trainer.unk_id].piece
+    if trainer.model_type == 1:  # unigram: tokenizers' Viterbi over the same scores
+        model = models.Unigram([(p.piece, p.score) for p in pieces], unk_id=trainer.unk_id,
+                               byte_fallback=trainer.byte_fallback)
+    elif trainer.model_type == 2:
+        vocab = {p.piece: i for i, p in enumerate(pieces)}
+        merges = []
+        for p in pieces:
+            if p.type != _SP_NORMAL:  # SentencePiece merges only into normal pieces
+                continue
+            for cut in range(1, len(p.piece)):
+                left, right = p.piece[:cut], p.piece[cut:]
+                if left in vocab and right in vocab:
+                    # SentencePiece merges the best-scoring pair, the leftmost one among equal
+                    # scores; ranking a longer left part first reproduces that leftmost growth
+                    # for the equal-scored whitespace pieces.
+                    merges.append(((-p.score, -len(left)), (left, right)))
+        merges = [pair for _, pair in sorted(merges, key=lambda m: m[0])]
+        model = models.BPE(vocab, merges, unk_token=unk_piece, byte_fallback=trainer.byte_fallback, fuse_unk=True)
+    else:
+        raise ValueError(f"SentencePiece model {path} is of type {trainer.model_type} (neither BPE nor unigram), "
+                         "which has no exact Hugging Face form")
+    if trainer.treat_whitespace_as_suffix or norm.normalization_rule_tsv:
+        raise ValueError(f"SentencePiece model {path} treats whitespace as a suffix or has custom normalization "
+                         "rules, which have no exact Hugging Face form")
+    steps = []
+    if norm.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
+    if norm.remove_extra_whitespaces:  # SentencePiece strips spaces at both ends and collapses runs
+        steps += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    steps.append(normalizers.Replace(" ", "\u2581"))
+    if norm.add_dummy_prefix:
+        # Not as a Metaspace pre-tokenizer: that one skips the prefix when the text starts with a space.
+        steps.append(normalizers.Prepend("\u2581"))  # not to an empty text, as in SentencePiece
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence(steps)
+    unknown = [decoders.Replace(unk_piece, trainer.unk_surface)] if trainer.unk_surface else []
+    tok.decoder = decoders.Sequence(unknown + [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []))
+    # Control pieces and <unk> are special (never matched in text, see split_special_tokens);
+    # user-defined pieces are matched in text, as SentencePiece does.
+    tok.add_tokens([AddedToken(p.piece, normalized=False, special=False)
+                    for p in pieces if p.type == _SP_USER_DEFINED])
+    tok.add_special_tokens([AddedToken(p.piece, normalized=False, special=True)
+                            for p in pieces if p.type in (_SP_UNKNOWN, _SP_CONTROL)])
+    return tok
+
+
 def _backend_tokenizer(ours):
     """Our tokenizer as a ``tokenizers.Tokenizer`` (None for kinds without a file)."""
     import tokenizers
@@ -97,6 +199,8 @@ def _backend_tokenizer(ours):
     from megatron_gpas.tokenizer import read_tiktoken_ranks
 
     kind = ours.config()["kind"]
+    if kind == "sentencepiece":
+        return _sentencepiece_backend(ours.path)
     if kind in ("huggingface", "gpt2"):  # already run by the tokenizers library: copy it
         return tokenizers.Tokenizer.from_str(ours.tok.to_str())
     if kind == "tiktoken":
@@ -111,19 +215,17 @@ def _backend_tokenizer(ours):
     return None
 
 
-def _hf_tokenizer(ours, out_dir: str):
-    """Write and load the HF tokenizer for our tokenizer (None if it has no HF form)."""
-    from tokenizers import processors
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+# Kinds whose encode reads a special-token string inside the text as ordinary text (so data
+# cannot fake a document end); split_special_tokens makes the HF tokenizer agree. The
+# huggingface kind matches special tokens in text (tokenizers' default), and so does its export.
+SPECIALS_AS_TEXT = ("sentencepiece", "gpt2", "tiktoken")
 
-    if ours.config()["kind"] == "sentencepiece":
-        shutil.copy(ours.path, os.path.join(out_dir, "tokenizer.model"))
-        # transformers converts the SentencePiece model into its Llama tokenizer on load.
-        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
-                  "legacy": True, "eos_token": ours.eod_token_text}
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f)
-        return AutoTokenizer.from_pretrained(out_dir)
+
+def _hf_tokenizer(ours):
+    """The HF tokenizer for our tokenizer (None if it has no HF form)."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     backend = _backend_tokenizer(ours)
     if backend is None:
         return None
@@ -131,14 +233,35 @@ def _hf_tokenizer(ours, out_dir: str):
         raise ValueError(f"the Hugging Face form of {ours.name} puts {ours.eod_token_text!r} at id "
                          f"{backend.token_to_id(ours.eod_token_text)}, not at our end-of-document id {ours.eod_id}")
     backend.post_processor = processors.Sequence([])  # no BOS/EOS template: training saw none
-    # Our gpt2 and tiktoken kinds read a special-token string inside the text as ordinary text
-    # (so data cannot fake a document end); split_special_tokens makes the HF tokenizer agree.
+    kind = ours.config()["kind"]
+    extra = {}
+    if kind == "sentencepiece":  # name its BOS and unknown pieces, as transformers' Llama tokenizer did
+        extra = {"bos_token": ours.sp.id_to_piece(ours.sp.bos_id()) if ours.sp.bos_id() >= 0 else None,
+                 "unk_token": ours.sp.id_to_piece(ours.sp.unk_id())}
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=ours.eod_token_text,
-                                   split_special_tokens=ours.config()["kind"] in ("gpt2", "tiktoken"))
+                                   split_special_tokens=kind in SPECIALS_AS_TEXT,
+                                   **{k: v for k, v in extra.items() if v is not None})
+
+
+def hf_chat_template(template: dict[str, str]) -> str:
+    """Our per-role chat template (``sft.chat_template``) as the Jinja template of a Hugging Face
+    tokenizer: each turn as in training, the last assistant turn closed by EOS instead of its
+    closing text, and ``add_generation_prompt`` opening the assistant's turn. Transformers renders
+    the whole text and tokenizes it at once, where training tokenized every piece on its own: for
+    a tokenizer that merges across the pieces' borders the ids can differ (tools/generate.py
+    --chat tokenizes as training did)."""
+    turns = {role: text.split("{content}") for role, text in template.items()}
+    return ("{% set turns = " + json.dumps(turns, ensure_ascii=False) + " %}"
+            "{% for message in messages %}{{ turns[message['role']][0] }}{{ message['content'] }}"
+            "{% if loop.last and message['role'] == 'assistant' %}{{ eos_token }}"
+            "{% else %}{{ turns[message['role']][1] }}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}{{ turns['assistant'][0] }}{% endif %}")
 
 
 def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, override: str | None = None):
     """Write the tokenizer into ``out_dir``; returns (report, (bos_id, eos_id))."""
+    from transformers import AutoTokenizer
+
     from megatron_gpas.tokenizer import tokenizer_from_config
 
     spec = tokenizer_spec(checkpoint_path, run_config, override)
@@ -148,16 +271,26 @@ def export_tokenizer(checkpoint_path: str, run_config: dict, out_dir: str, overr
     ours = tokenizer_from_config(spec)
     kind = ours.config()["kind"]
     try:
-        hf = _hf_tokenizer(ours, out_dir)
+        hf = _hf_tokenizer(ours)
         reason = f"a {kind} tokenizer has no Hugging Face form"
     except ValueError as e:
         hf, reason = None, str(e)
     if hf is None:
         return {"exported": False, "reason": reason, "eos_token_id": ours.eod_id}, (None, ours.eod_id)
-    hf.save_pretrained(out_dir)
-    mismatches = [text for text in PROBE_TEXTS if hf.encode(text, add_special_tokens=True) != ours.encode(text)]
+    from megatron_gpas.data.instruct import run_chat_template
+
+    template = run_chat_template(run_config)
+    if template is not None:  # fine-tuned on chats: apply_chat_template renders them as training did
+        hf.chat_template = hf_chat_template(template)
+    # the template inside tokenizer_config.json, where every transformers version looks for it
+    hf.save_pretrained(out_dir, save_jinja_files=False)
+    # Loaded back as a user would (AutoTokenizer, the fast tokenizer): what lm-eval runs.
+    loaded = AutoTokenizer.from_pretrained(out_dir)
+    mismatches = [text for text in PROBE_TEXTS if loaded.encode(text) != ours.encode(text)]
     bos = getattr(hf, "bos_token_id", None)
+    known = sentencepiece_known_differences(ours.path) if kind == "sentencepiece" else []
     report = {"exported": True, "source": spec.get("path"), "kind": kind, "eos_token_id": ours.eod_id,
+              "known_differences": known, "chat_template": template is not None,
               "bos_token_id": bos, "probe_texts": len(PROBE_TEXTS), "probe_mismatches": len(mismatches),
               "mismatching_texts": mismatches}
     return report, (bos, ours.eod_id)
