@@ -188,10 +188,16 @@ def test_init_rows_unit_norm_and_scales(megatron_env):
     for name, param in matrices.items():
         norms = param.norm(dim=1)
         torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-6, rtol=0, msg=name)
+    from megatron_gpas.model.schemes import SCHEMES
+
     for layer in model.decoder.layers:
         for update in (layer.self_attn_bda, layer.mlp_bda):
             torch.testing.assert_close(update.alpha.weight, torch.full((d,), d ** -0.5))
             torch.testing.assert_close(update.alpha(), torch.full((d,), 0.01))
+        # what the telemetry logs as scales/{attn,mlp}_alpha/layer_l: the mean |α|
+        scales = SCHEMES["angpt"].layer_scales(layer)
+        assert set(scales) == {"attn_alpha", "mlp_alpha"}
+        assert all(float(v) == pytest.approx(0.01, rel=1e-6) for v in scales.values())
 
 
 @pytest.mark.parametrize("clamp", [True, False])
