@@ -2,7 +2,7 @@
 steps on a synthetic dataset, then the report. The table's numbers are those of the runs' own
 metrics.jsonl and summary.json (read here), the plots exist, the verdict compares the two, and a
 second call trains nothing again (finished runs are kept). The full run (docs/results.md) is
-tools/run_repro.py without --quick (about 25 minutes on two CPU cores).
+tools/run_repro.py without --quick (about 15 minutes on two CPU cores).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_every_run_trained_once(repro):
         summary = json.loads((repro["root"] / "out" / "runs" / name / "summary.json").read_text())
         assert summary["outcome"] == "finished" and summary["step"] == 6
         assert f"{name}: training" in repro["first"]
-        assert f"{name}: finished before, not trained again" in repro["second"]
+        assert f"{name}: finished before with these settings, not trained again" in repro["second"]
 
 
 def test_report_holds_the_runs_numbers_and_plots(repro):
@@ -69,3 +69,16 @@ def test_paper_scale_commands_name_existing_configs():
                          capture_output=True, text=True, timeout=120, check=True).stdout
     configs = [word for line in out.splitlines() for word in line.split() if word.endswith("_71m.yaml")]
     assert len(configs) == 6 and all((REPO_ROOT / c).is_file() for c in configs)
+
+
+def test_a_run_with_other_settings_is_trained_again(repro):
+    """A finished run is reused only with the same settings: another learning rate retrains it."""
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "run_repro.py"), "--quick", "--variants", "pre", "--out",
+           str(repro["root"] / "out"), "--results", str(repro["root"] / "results_lr.md"), "--data",
+           str(repro["root"] / "markov"), "--tokenizer", f"null:{VOCAB}", "model.max_seq_length=64",
+           "train.seq_length=64", "train.micro_batch_size=4", "train.global_batch_size=4", "optim.lr=1e-3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pre_seed0: training" in out.stdout
+    config = (repro["root"] / "out" / "runs" / "pre_seed0" / "config.yaml").read_text()
+    assert "lr: 0.001" in config

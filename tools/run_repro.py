@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 r"""A small reproduction of the GPAS paper's central claim, on CPU in under 30 minutes.
 
-    python tools/run_repro.py                          # 6 variants x 2 seeds, writes docs/results.md
-    python tools/run_repro.py --seeds 0 1 2 --steps 400
+    python tools/run_repro.py                          # 6 variants x 3 seeds, writes docs/results.md
+    python tools/run_repro.py --seeds 0 1 2 3 4 --steps 400
     python tools/run_repro.py --paper-scale            # prints the 71M Table-2 commands for GPUs
 
 Pre-LN, LNS and Sandwich-LN, each without and with GPAS (SiLU gate, init 0, after each residual
@@ -13,7 +13,7 @@ it here (deterministic, one thread): the 32k demo tokenizer would spend most of 
 LM head.
 
 Written: one run folder per variant and seed under --out (metrics.jsonl, summary.json; a run
-whose summary.json says it finished is not trained again), and --results (docs/results.md)
+that finished with the same settings is not trained again), and --results (docs/results.md)
 with the table (mean and spread over seeds of the final eval loss, the growth of the residual
 stream's variance with depth, the branch-to-shortcut RMS ratio) and its plots (docs/results/):
 eval loss over steps, layer-input variance over depth, GPAS gates over depth. The verdict
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / "repro", help="run folders (default runs/repro)")
     p.add_argument("--results", type=Path, default=REPO_ROOT / "docs" / "results.md",
                    help="the Markdown report; its PNGs go to a folder of the same name without .md")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, help="training steps per run (default: examples/repro/base.yaml's)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--data", help="indexed dataset prefix to train on instead of the Shakespeare corpus")
@@ -120,18 +120,32 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
 
-def finished(run_dir: Path) -> bool:
-    summary = run_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("outcome") == "finished"
+COMPARED_SECTIONS = ("model", "norm", "gpas", "train", "optim")  # what makes two runs the same experiment
+
+
+def finished(run_dir: Path, run_overrides: list[str]) -> bool:
+    """The run finished, with the same model, norm, GPAS, training and optimizer settings and data."""
+    import yaml
+
+    from megatron_gpas.config import load_config
+
+    summary, saved = run_dir / "summary.json", run_dir / "config.yaml"
+    if not (summary.is_file() and saved.is_file()) or json.loads(summary.read_text()).get("outcome") != "finished":
+        return False
+    want = load_config(str(BASE_CONFIG), run_overrides).to_dict()
+    have = yaml.safe_load(saved.read_text())
+    return all(have.get(k) == want[k] for k in COMPARED_SECTIONS) and have["data"]["paths"] == want["data"]["paths"]
 
 
 def train(variant: str, seed: int, out: Path, overrides: list[str]) -> None:
     run_dir = out / "runs" / run_name(variant, seed)
-    if finished(run_dir):
-        print(f"[repro] {run_dir.name}: finished before, not trained again", flush=True)
+    run_overrides = [*VARIANTS[variant][1], f"train.seed={seed}", f"logging.dir='{run_dir}'", "checkpoint.save=null",
+                     *overrides]
+    if finished(run_dir, run_overrides):
+        print(f"[repro] {run_dir.name}: finished before with these settings, not trained again", flush=True)
         return
-    cmd = [sys.executable, "-m", "megatron_gpas.pretrain", "--config", str(BASE_CONFIG), *VARIANTS[variant][1],
-           f"train.seed={seed}", f"logging.dir='{run_dir}'", "checkpoint.save=null", *overrides]
+    cmd = [sys.executable, "-m", "megatron_gpas.pretrain", "--config", str(BASE_CONFIG), *run_overrides,
+           "--force"]  # a folder holding an unfinished or different run is replaced
     started = time.perf_counter()
     print(f"[repro] {run_dir.name}: training", flush=True)
     subprocess.run(cmd, check=True, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
@@ -180,6 +194,11 @@ def aggregate(runs: dict[str, dict[int, dict]]) -> dict[str, dict]:
                           "variance_last": mean_spread([by_seed[s]["variance"][-1] for s in seeds]),
                           "variance_growth": mean_spread(growth),
                           "branch_to_shortcut": mean_spread(ratios) if ratios else None,
+                          "gpas_scale": (mean_spread([statistics.fmean(by_seed[s]["gpas_scale"]) for s in seeds])
+                                         if by_seed[seeds[0]]["gpas_scale"] else None),
+                          "gpas_scale_range": (min(min(by_seed[s]["gpas_scale"]) for s in seeds),
+                                               max(max(by_seed[s]["gpas_scale"]) for s in seeds))
+                          if by_seed[seeds[0]]["gpas_scale"] else None,
                           "per_seed_eval": [by_seed[s]["eval_loss"] for s in seeds]}
     return table
 
@@ -199,6 +218,11 @@ def verdicts(table: dict[str, dict]) -> list[str]:
                       "within 2 × the seed spread" if spread > 0 else "one seed: no spread measured")
             lines.append(f"- **{VARIANTS[host][0]}**: with GPAS the {what} is {direction} "
                          f"({b:.4g} vs {a:.4g}, Δ {b - a:+.3g}; {beyond}).")
+        if gated["gpas_scale"] is not None:
+            (scale, _), (low, high) = gated["gpas_scale"], gated["gpas_scale_range"]
+            effect = "shrink" if high < 1 else "amplify" if low > 1 else "shrink some layers and amplify others of"
+            lines.append(f"- **{VARIANTS[host][0]}**: the learned gates {effect} the residual stream: forward scale "
+                         f"1 − SiLU(α) {scale:.3f} on average ({low:.3f} … {high:.3f} over layers and seeds).")
     return lines
 
 
@@ -277,20 +301,22 @@ def write_results(path: Path, runs: dict, table: dict, figures: list[Path], setu
         f"**Setup**: {setup['shape']}; the same data, the same tokens ({setup['tokens']:,} per run) and the same "
         f"seeds ({', '.join(map(str, setup['seeds']))}) for every variant; GPAS with SiLU gates initialised at 0, "
         "after each residual add (the paper's placement). The eval loss is the mean over the same held-out batches "
-        "at the end; the variance growth is the variance of the last layer's input over the first layer's at the "
+        "at the end; the GPAS scale is the gates' forward multiplier 1 − SiLU(α) (below 1: the stream is scaled down, "
+        "the method's intent; above 1: up); the variance growth is the variance of the last layer's input over the first layer's at the "
         "last logged step (`activations/variance/layer_l`); branch/shortcut is the mean over layers and sub-layers "
         "of RMS(f(x))/RMS(x) at the last step (`layers/branch_to_shortcut/*`). Values are mean ± sample standard "
         "deviation over seeds.",
         "",
         "| variant | final eval loss | per seed | final train loss | variance of the last layer's input | "
-        "variance growth (last / first) | branch / shortcut |",
-        "|---|---|---|---|---|---|---|",
+        "variance growth (last / first) | branch / shortcut | GPAS scale (mean over layers) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant, row in table.items():
         ratio = fmt(row["branch_to_shortcut"], 3) if row["branch_to_shortcut"] else "—"
         seeds = ", ".join(f"{v:.4f}" for v in row["per_seed_eval"])
+        gates = fmt(row["gpas_scale"], 3) if row["gpas_scale"] else "—"
         lines.append(f"| {VARIANTS[variant][0]} | {fmt(row['eval_loss'])} | {seeds} | {fmt(row['train_loss'])} | "
-                     f"{fmt(row['variance_last'], 3)} | {fmt(row['variance_growth'], 3)} | {ratio} |")
+                     f"{fmt(row['variance_last'], 3)} | {fmt(row['variance_growth'], 3)} | {ratio} | {gates} |")
     lines += ["", "## What the measurement says", "", *verdicts(table), "",
               f"A difference is only called beyond the spread when it exceeds twice the larger standard deviation over "
               f"the {len(next(iter(table.values()))['seeds'])} seed(s). The paper's gains (Table 2) are measured at "
