@@ -2,7 +2,7 @@
 steps on a synthetic dataset, then the report. The table's numbers are those of the runs' own
 metrics.jsonl and summary.json (read here), the plots exist, the verdict compares the two, and a
 second call trains nothing again (finished runs are kept). The full run (docs/results.md) is
-tools/run_repro.py without --quick (about 15 minutes on two CPU cores).
+tools/run_repro.py without --quick (about 20 minutes on two CPU cores).
 """
 
 from __future__ import annotations
