@@ -10,11 +10,12 @@ from megatron_gpas.data.synthetic import write_synthetic_dataset  # noqa: F401  
 def synthetic_run_overrides(ws: Path, log_dir: Path, vocab_size: int = 256) -> list[str]:
     """Overrides for a run on the workspace's synthetic dataset (``ws/data/synthetic``, split 98/1/1,
     the data the parallel tests' thresholds were set on), logging every step to ``log_dir``
-    without TensorBoard or plots."""
+    without TensorBoard, plots or the per-layer telemetry (tests of those turn them on)."""
     return [
         f"data.paths=['{ws / 'data' / 'synthetic'}']", "data.tokenizer.kind='null'",
         f"data.tokenizer.vocab_size={vocab_size}", f"data.cache_dir='{ws / 'data_cache'}'", "data.split='98,1,1'",
         f"logging.dir='{log_dir}'", "logging.interval=1", "logging.tensorboard=false", "logging.plots=false",
+        "logging.layer_telemetry=false",
     ]
 
 
@@ -41,14 +42,14 @@ def resumable_run_config(ws: Path, run: str, *extra: str):
 
 def resumable_run_overrides(ws: Path, run: str, *extra: str) -> list[str]:
     """A 2-layer tiny Pre+GPAS run of 6 steps on the synthetic data, logged every step (TensorBoard
-    on) to ``ws/runs/<run>``, checkpointed into and resumed from ``ws/runs/<run>/ckpt``; ``extra``
+    and the per-layer telemetry on) to ``ws/runs/<run>``, checkpointed into and resumed from ``ws/runs/<run>/ckpt``; ``extra``
     overrides win."""
     run_dir = ws / "runs" / run
     return [
         "model.preset=tiny", "model.num_layers=2", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
         "gpas.enabled=true", "train.steps=6", "train.seq_length=32", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.eval_iters=1", "optim.lr=3.0e-3", "optim.warmup_steps=1",
-        *synthetic_run_overrides(ws, run_dir), "logging.tensorboard=true",
+        *synthetic_run_overrides(ws, run_dir), "logging.tensorboard=true", "logging.layer_telemetry=true",
         f"checkpoint.save='{run_dir / 'ckpt'}'", f"checkpoint.load='{run_dir / 'ckpt'}'",
         "checkpoint.load_if_exists=true", *extra]
 

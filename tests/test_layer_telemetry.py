@@ -43,7 +43,7 @@ def _run_overrides(ws, run: str, *extra: str) -> list[str]:
     return [*TINY_OVERRIDES, "norm.scheme=dyt", "norm.options.alpha0=[1.0,1.0,1.0]", "gpas.enabled=true",
             f"train.steps={STEPS}", "train.micro_batch_size=2", "train.global_batch_size=4", "train.eval_interval=0",
             "train.eval_iters=1", "optim.lr=1e-2", "optim.warmup_steps=0", "optim.clip_grad=0",
-            *synthetic_run_overrides(ws, ws / "runs" / run), *extra]
+            *synthetic_run_overrides(ws, ws / "runs" / run), "logging.layer_telemetry=true", *extra]
 
 
 @pytest.fixture(scope="module")
