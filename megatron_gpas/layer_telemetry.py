@@ -35,6 +35,8 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.tensor_parallel.random import is_checkpointing
 from megatron.core.utils import unwrap_model
 
+from megatron_gpas.model.unit_norm import shard_ranges
+
 SUBLAYERS = ("attn", "mlp")
 SUBLAYER_MODULES = {"input_layernorm": 0, "self_attention": 0, "self_attn_bda": 0,
                     "pre_mlp_layernorm": 1, "mlp": 1, "mlp_bda": 1}
@@ -135,10 +137,7 @@ class LayerTelemetry:
         for opt in inner:
             if hasattr(opt, "model_param_gbuf_map"):
                 group = opt.data_parallel_group
-                for model_group in opt.model_float16_groups + opt.model_fp32_groups:
-                    for param in model_group:
-                        r = opt._get_model_param_range_map(param)["param"]
-                        owned[param] = (r.start, r.end)
+                owned.update({param: (start, end) for param, (_, start, end) in shard_ranges(opt).items()})
         return (owned, group) if group is not None else (None, None)
 
     @staticmethod

@@ -117,6 +117,18 @@ def _inner_optimizers(optimizer):
     return getattr(optimizer, "chained_optimizers", None) or [optimizer]
 
 
+def shard_ranges(opt) -> dict:
+    """A DistributedOptimizer's shards on this rank: {model parameter: (its flat fp32 master shard,
+    start, end)}, [start, end) the owned range within the parameter (and within its gradient buffer)."""
+    owned = {}
+    for model_group, main_group in zip(opt.model_float16_groups + opt.model_fp32_groups,
+                                       opt.shard_fp32_from_float16_groups + opt.shard_fp32_groups):
+        for model_param, main in zip(model_group, main_group):
+            r = opt._get_model_param_range_map(model_param)["param"]
+            owned[model_param] = (main.view(-1), r.start, r.end)
+    return owned
+
+
 @torch.no_grad()
 def project_unit_norm(optimizer, axes: dict[torch.nn.Parameter, int], clamp: bool = False) -> None:
     """Project every weight of ``axes`` (parameter → reduced axis, the same order on every rank) in
@@ -128,11 +140,7 @@ def project_unit_norm(optimizer, axes: dict[torch.nn.Parameter, int], clamp: boo
         if getattr(opt, "is_stub_optimizer", False):  # no parameters of its kind here (frozen sub-models)
             continue
         if hasattr(opt, "model_param_gbuf_map"):  # DistributedOptimizer
-            owned = {}
-            for model_group, main_group in zip(opt.model_float16_groups + opt.model_fp32_groups,
-                                               opt.shard_fp32_from_float16_groups + opt.shard_fp32_groups):
-                for model_param, main in zip(model_group, main_group):
-                    owned[model_param] = (main.view(-1), opt._get_model_param_range_map(model_param)["param"].start)
+            owned = {param: (main, start) for param, (main, start, _) in shard_ranges(opt).items()}
             # every weight of the optimizer's buffers, owned here or not: the same list on every rank
             managed = {param for buffer in opt.buffers for param in buffer.param_index_map}
             pieces = [Piece(p.shape, axis, *owned.get(p, (None, 0)), is_tp_split(p, axis))
